@@ -1,0 +1,79 @@
+"""Helpers shared by every kernel module: ceil_div, launch grids, the kernel registry and fills.
+
+Every kernel is declared with :func:`kernel`, which keeps it lazy (``@cuda.jit`` without a signature,
+so importing works without a GPU) and records the signature the compile check builds it with.
+"""
+import numpy as np
+from numba import cuda, float32
+
+# name -> (dispatcher, signature, module). Filled at import time by @kernel.
+KERNELS = {}
+
+# Threads per block for 1-D element-wise kernels.
+TPB_1D = 256
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def grid_1d(n, tpb=TPB_1D):
+    """(blocks, threads) covering n elements, at least one block."""
+    return max(1, ceil_div(n, tpb)), tpb
+
+
+def kernel(signature):
+    """Declare a CUDA kernel: lazy ``cuda.jit`` plus its compile-check signature.
+
+    ``signature`` is a Numba signature string such as ``"void(float32[:, ::1], float32[::1])"``.
+    """
+
+    def deco(fn):
+        k = cuda.jit(fn)
+        name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+        KERNELS[name] = (k, signature, fn.__module__)
+        return k
+
+    return deco
+
+
+def device_function(signature):
+    """Declare a CUDA device function; the compile check builds it with ``device=True``."""
+
+    def deco(fn):
+        f = cuda.jit(device=True)(fn)
+        name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+        KERNELS[name] = (f, signature, fn.__module__)
+        return f
+
+    return deco
+
+
+@kernel("void(float32[::1], float32)")
+def fill_kernel(a, value):
+    """Set every element of a contiguous float32 array (viewed flat) to value."""
+    # a: (n,) float32
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] = value
+
+
+def fill(a, value=0.0):
+    """Fill a C-contiguous float32 device array in place, without allocating."""
+    flat = a.reshape(a.size) if a.ndim != 1 else a
+    blocks, threads = grid_1d(flat.shape[0])
+    fill_kernel[blocks, threads](flat, float32(value))
+    return a
+
+
+def check_device_array(name, a, shape=None, dtype=np.float32):
+    """Raise a clear error unless `a` is a C-contiguous device array of the given dtype (and shape)."""
+    if not (cuda.is_cuda_array(a) if hasattr(cuda, "is_cuda_array") else hasattr(a, "copy_to_host")):
+        raise TypeError(f"{name}: expected a device array, got {type(a).__name__}")
+    if np.dtype(a.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {np.dtype(a.dtype).name}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+    if not a.is_c_contiguous():
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return a

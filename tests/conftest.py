@@ -1,0 +1,45 @@
+"""Test setup: the kernel backend is chosen before Numba is imported.
+
+By default the kernels run under Numba's CUDA simulator (``sim``). On a machine with a GPU,
+``GPU_CNN_BACKEND=cuda python -m pytest`` runs the same tests on the real device instead.
+"""
+import os
+
+os.environ.setdefault("GPU_CNN_BACKEND", "sim")  # must happen before numba.cuda is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import gpu_cnn  # noqa: E402
+
+KERNEL_BACKEND = os.environ["GPU_CNN_BACKEND"].strip().lower()
+if KERNEL_BACKEND not in ("sim", "cuda"):
+    KERNEL_BACKEND = "sim"
+BACKENDS = ["cpu", KERNEL_BACKEND]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test once on the cpu backend and once on the kernel backend (sim or cuda)."""
+    gpu_cnn.set_backend(request.param)
+    yield request.param
+    gpu_cnn.set_backend(KERNEL_BACKEND)
+
+
+@pytest.fixture
+def kernel_backend():
+    """The backend that runs the CUDA kernels: sim (default) or cuda."""
+    gpu_cnn.set_backend(KERNEL_BACKEND)
+    yield KERNEL_BACKEND
+
+
+@pytest.fixture
+def cpu_backend():
+    gpu_cnn.set_backend("cpu")
+    yield "cpu"
+    gpu_cnn.set_backend(KERNEL_BACKEND)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# The whole GPU run on a lent machine, in one command (benchmarks/README.md explains each stage):
+#
+#   bash benchmarks/run_gpu.sh                      # every stage, in this order:
+#        setup info tests memcheck racecheck bench train
+#   bash benchmarks/run_gpu.sh setup bench train    # only some stages (setup is always run first)
+#
+# Through the device tool (one command there runs at most 10 minutes, so two calls):
+#   run: bash benchmarks/run_gpu.sh bench train          (the numbers first)
+#   run: bash benchmarks/run_gpu.sh tests memcheck racecheck
+#
+# Each stage logs to its own file under benchmarks/results/<device>-<date>/logs/ and never stops the
+# stages after it (set -u, no set -e). Every stage runs under `timeout`; with $OUT set (the device tool's
+# output folder) the whole run keeps within RUN_GPU_BUDGET_S seconds (default 560), leaving time to pack
+# the results. The results (JSON, Markdown, PNG, logs) stay under benchmarks/results/ and, with $OUT set,
+# are copied there: results.tar.gz (everything), summary.md, kernels.md, train.md, roofline.png,
+# versions.png -- at most 8 files, as the device tool brings back.
+#
+# Environment: PYTHON (interpreter to use; default: the active venv, else the one that imports torch,
+# e.g. the image's /opt/torch/.venv/bin/python3, else python3), PYTEST_ARGS (default "-q": not -x, so
+# that one environment-dependent failure early in the alphabet does not hide every kernel test), KERNELS_ARGS (extra
+# options for benchmarks.kernels, e.g. "--quick"), TRAIN_ARGS, RUN_GPU_BUDGET_S.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+T0=$(date +%s)
+ALL_STAGES="info tests memcheck racecheck bench train"
+STAGES="${*:-$ALL_STAGES}"
+STAGES=$(echo " $STAGES " | sed 's/ setup / /g')
+if [ -n "${OUT:-}" ]; then BUDGET=${RUN_GPU_BUDGET_S:-560}; else BUDGET=${RUN_GPU_BUDGET_S:-100000}; fi
+PACK_RESERVE=25
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+unset NUMBA_ENABLE_CUDASIM
+
+log() { echo "[run_gpu $(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
+remaining() { echo $(( BUDGET - ($(date +%s) - T0) - PACK_RESERVE )); }
+
+# ---------------------------------------------------------------------------------------------- setup
+# The GPU image has no network, and its Python (/opt/torch/.venv) already holds torch, cupy, numba,
+# numba-cuda, pytest, matplotlib, scikit-learn: use it as it is. The project runs from this checkout
+# (gpu_cnn finds ../kernels itself; PYTHONPATH for subprocesses); an editable install without
+# dependencies, offline, adds the gpu-cnn command when it works. Elsewhere (network, no such Python)
+# fall back to the README's install in a fresh venv.
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  if [ -n "${VIRTUAL_ENV:-}" ] && python -c "import numba.cuda" >/dev/null 2>&1; then echo python; return; fi
+  for c in /opt/torch/.venv/bin/python3 python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then echo "$c"; return; fi
+  done
+  echo python3
+}
+BASE_PY=$(pick_python)
+PY=$BASE_PY
+SETUP_LOG=$(mktemp /tmp/run_gpu_setup.XXXXXX.log)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+setup() {
+  if "$BASE_PY" -c "import numba, numba.cuda, numpy, matplotlib, pytest, sklearn, tqdm, PIL" >/dev/null 2>&1; then
+    echo "$BASE_PY has every dependency: using it; offline editable install without dependencies (optional)"
+    "$BASE_PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+      || echo "editable install failed (fine: the project runs from the checkout via PYTHONPATH)"
+  else
+    echo "$BASE_PY lacks dependencies: the README's install in .venv-gpu (needs the package index)"
+    local venv=$ROOT/.venv-gpu
+    [ -x "$venv/bin/python" ] || "$BASE_PY" -m venv "$venv" || return 1
+    PY=$venv/bin/python
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -e ".[dev,cuda]" || return 1
+    "$PY" -c "import torch" >/dev/null 2>&1 || "$PY" -m pip install -q torch \
+      || echo "torch not installed: no cuDNN/cuBLAS comparison"
+  fi
+  "$PY" -c "import gpu_cnn.kernels, benchmarks.kernels; print('import ok')" || return 1
+  "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|cupy|numba|numpy|pytest|matplotlib|cuda)" || true
+}
+log "setup with $BASE_PY"
+setup >"$SETUP_LOG" 2>&1
+SETUP_RC=$?
+# setup may have switched to the venv it made
+[ -x "$ROOT/.venv-gpu/bin/python" ] && ! "$BASE_PY" -c "import numba.cuda" >/dev/null 2>&1 && PY=$ROOT/.venv-gpu/bin/python
+log "setup exit $SETUP_RC (python: $PY)"
+
+# where results go: benchmarks/results/<device slug>-<date>/ (the benchmarks' own default)
+RESULTS=$("$PY" - <<'EOF' 2>/dev/null
+import gpu_cnn
+gpu_cnn.set_backend("cuda")
+from benchmarks.common import default_out_dir, device_info
+print(default_out_dir(device_info("cuda")))
+EOF
+)
+[ -n "$RESULTS" ] || RESULTS=$ROOT/benchmarks/results/gpu-$(date +%F)
+LOGS=$RESULTS/logs
+mkdir -p "$LOGS"
+cp "$SETUP_LOG" "$LOGS/setup.log"
+SUMMARY=$LOGS/summary.md
+{
+  echo "# GPU run $(date -Iseconds)"
+  echo
+  echo "Command: \`bash benchmarks/run_gpu.sh $*\` in $ROOT; python $PY; results $RESULTS"
+  echo
+  echo "| stage | exit | seconds | log |"
+  echo "| --- | ---: | ---: | --- |"
+  echo "| setup | $SETUP_RC | $(( $(date +%s) - T0 )) | logs/setup.log |"
+} >"$SUMMARY"
+nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1 || true
+
+# ---------------------------------------------------------------------------------------------- stages
+stage() {  # stage NAME DEFAULT_TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local left; left=$(remaining)
+  if [ "$left" -lt 20 ]; then
+    log "skip $name: only ${left}s of the budget left"
+    echo "| $name | skipped (budget) | 0 | — |" >>"$SUMMARY"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log "stage $name (timeout ${limit}s): $*"
+  local t=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "[run_gpu] stage $name stopped by its ${limit}s timeout" >>"$LOGS/$name.log"
+  log "stage $name exit $rc after $(( $(date +%s) - t ))s; last lines of logs/$name.log:"
+  tail -n 8 "$LOGS/$name.log" | sed 's/^/    /'
+  echo "| $name | $rc | $(( $(date +%s) - t )) | logs/$name.log |" >>"$SUMMARY"
+}
+
+find_sanitizer() {
+  command -v compute-sanitizer 2>/dev/null && return
+  for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+           /opt/nvidia/compute-sanitizer/compute-sanitizer; do
+    [ -x "$c" ] && { echo "$c"; return; }
+  done
+}
+SANITIZER=$(find_sanitizer)
+
+for s in $STAGES; do
+  case $s in
+    info)      stage info 120 "$PY" -m gpu_cnn.cli info ;;
+    tests)     stage tests 420 env GPU_CNN_BACKEND=cuda "$PY" -m pytest -p no:cacheprovider ${PYTEST_ARGS:--q} ;;
+    memcheck)
+      if [ -n "$SANITIZER" ]; then
+        stage memcheck 300 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 100 "$PY" -m benchmarks.sanitize
+      else log "no compute-sanitizer found: memcheck skipped"; echo "| memcheck | not found | 0 | — |" >>"$SUMMARY"; fi ;;
+    racecheck)
+      if [ -n "$SANITIZER" ]; then
+        stage racecheck 300 "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 100 "$PY" -m benchmarks.sanitize
+      else log "no compute-sanitizer found: racecheck skipped"; echo "| racecheck | not found | 0 | — |" >>"$SUMMARY"; fi ;;
+    bench)     stage bench 420 "$PY" -m benchmarks.kernels --backend cuda --out "$RESULTS" ${KERNELS_ARGS:-} ;;
+    train)     stage train 240 "$PY" -m benchmarks.train --backend cuda --out "$RESULTS" ${TRAIN_ARGS:-} ;;
+    *)         log "unknown stage '$s' (stages: setup $ALL_STAGES)"; echo "| $s | unknown stage | 0 | — |" >>"$SUMMARY" ;;
+  esac
+done
+
+# ---------------------------------------------------------------------------------------------- pack
+echo >>"$SUMMARY"
+echo "Total $(( $(date +%s) - T0 )) s." >>"$SUMMARY"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  tar -czf "$OUT/results.tar.gz" -C "$ROOT" "${RESULTS#$ROOT/}" 2>/dev/null \
+    || tar -czf "$OUT/results.tar.gz" "$RESULTS"
+  for f in "$SUMMARY" "$RESULTS/kernels.md" "$RESULTS/train.md" "$RESULTS/roofline.png" "$RESULTS/versions.png"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  log "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+
+# the reply of the device tool carries the end of the output: the short tables last
+echo
+[ -f "$RESULTS/kernels.md" ] && { echo "== kernels (first 60 rows; full table in kernels.md)"; grep '^|' "$RESULTS/kernels.md" | head -62; }
+[ -f "$RESULTS/train.md" ] && { echo; echo "== train"; grep '^|' "$RESULTS/train.md"; }
+echo
+cat "$SUMMARY"

@@ -1,0 +1,260 @@
+"""2-D max pooling (NCHW) with the argmax of every output, and its backward.
+
+``idx`` holds, for every output, the flat position ``h*W + w`` of its maximum inside the unpadded
+(n, c) input plane, as int32. Padding cells are skipped, never treated as 0 (an all-negative window
+returns its largest real value); padding may be at most kernel_size // 2 per axis (as in PyTorch), so
+every window holds a real cell. Ties: the first maximum in row-major window order wins. NaN wins over
+numbers (the first NaN of a window), as in PyTorch and ``np.argmax``.
+
+cpu: vectorized NumPy.
+  forward   the windows as a (kh, kw, N, C, Ho, Wo) array: in the common non-overlapping unpadded case
+            (kernel == stride) a reshape of the input to (N, C, Ho, kh, Wo, kw), made contiguous in
+            that order (one copy of x); otherwise a strided view of ``sliding_window_view`` of the input
+            (padded with -inf) taken every stride. A running first maximum over the kh*kw cells in
+            row-major order (compare, max, keep the cell where strictly greater) gives the answer of
+            ``argmax`` over the flattened window at a third of the cost (NumPy's argmax along a short
+            axis goes row by row); when a NaN shows up, the flattened-window ``argmax`` itself runs
+            (it ranks NaN first, as the kernels do).
+  backward  dx is zeroed, then dy scattered through flat indices (n*C + c)*H*W + idx: a plain
+            fancy-index assignment when windows cannot overlap (stride >= kernel: each input receives
+            at most one dy), ``np.add.at`` when they can (adds repeats in order: deterministic).
+cuda/sim: :mod:`gpu_cnn.kernels.pool` (forward one thread per output; backward ``gather``, the
+deterministic default, or ``atomic``).
+"""
+import numbers
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .. import backend as _backend
+from ._base import (
+    _as_cuda_array, as_input, check_out, check_shape, empty, is_device_array, pair, result, to_device,
+)
+
+_LAYOUT = "(N, C, H, W)"
+INDEX = np.int32
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _params(kernel_size, stride, padding):
+    """-> (kh, kw), (sh, sw), (ph, pw), validated; stride None means kernel_size."""
+    k = pair("kernel_size", kernel_size, 1)
+    s = k if stride is None else pair("stride", stride, 1)
+    p = pair("padding", padding, 0)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(
+            f"padding: must be at most kernel_size // 2 = {(k[0] // 2, k[1] // 2)} per axis "
+            f"(so every window holds a real cell), got {p} with kernel_size {k}")
+    return k, s, p
+
+
+def _out_shape(x_shape, k, s, p):
+    n, c, h, w = x_shape
+    if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1]:
+        raise ValueError(
+            f"kernel_size: window {k} is larger than the padded input {(h + 2 * p[0], w + 2 * p[1])} "
+            f"(input {(h, w)}, padding {p})")
+    return (n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1)
+
+
+def _x_shape(x_shape):
+    if not (isinstance(x_shape, (tuple, list)) and len(x_shape) == 4 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x_shape)):
+        raise TypeError(f"x_shape: expected the input shape (N, C, H, W) as 4 ints, got {x_shape!r}")
+    x_shape = tuple(int(v) for v in x_shape)
+    if min(x_shape) < 1:
+        raise ValueError(f"x_shape: every dimension must be >= 1, got {x_shape}")
+    return x_shape
+
+
+def _as_index(name, idx, shape):
+    """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted)."""
+    if idx is None:
+        raise TypeError(f"{name}: expected an int32 index array, got None")
+    if is_device_array(idx):
+        if not _backend.uses_kernels():
+            raise TypeError(f"{name}: a device array was passed but the backend is 'cpu'; pass a NumPy array")
+        dev = _as_cuda_array(idx)
+        if np.dtype(dev.dtype) != INDEX:
+            raise TypeError(f"{name}: device index arrays must be int32, got {np.dtype(dev.dtype).name}")
+        check_shape(name, dev, shape)
+        if not dev.is_c_contiguous():
+            raise ValueError(f"{name}: device arrays must be C-contiguous")
+        return dev
+    host = np.asarray(idx)
+    if not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer index array (int32, from max_pool2d), got dtype {host.dtype.name}")
+    check_shape(name, host, shape)
+    host = np.ascontiguousarray(host, dtype=INDEX)
+    return to_device(host) if _backend.uses_kernels() else host
+
+
+def _check_idx_out(name, out, shape):
+    if _backend.uses_kernels():
+        if not is_device_array(out):
+            raise TypeError(f"{name}: expected a device array on backend {_backend.get_backend()!r}")
+        out = _as_cuda_array(out)
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array on backend 'cpu'")
+    if np.dtype(out.dtype) != INDEX:
+        raise TypeError(f"{name}: expected int32, got {np.dtype(out.dtype).name}")
+    check_shape(name, out, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# cpu
+
+
+def _windows(x, k, s, p, out_hw):
+    """The pooling windows as a (kh, kw, N, C, Ho, Wo) array: win[i, j] is cell (i, j) of every window.
+
+    Non-overlapping and unpadded (kernel == stride): a reshape of the (cropped) input to
+    (N, C, Ho, kh, Wo, kw), made contiguous in the order above (one copy of x; every later pass then
+    streams contiguous memory). Otherwise a strided view of ``sliding_window_view`` of the input taken
+    every stride (padded with -inf first when there is padding), with no copy of the windows.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    n, c = x.shape[:2]
+    ho, wo = out_hw
+    if p == (0, 0) and k == s:
+        blocks = x[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw)
+        return np.ascontiguousarray(blocks.transpose(3, 5, 0, 1, 2, 4))
+    if p != (0, 0):
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :ho, :wo]
+    return win.transpose(4, 5, 0, 1, 2, 3)
+
+
+def _cpu_forward(x, k, s, p, y, idx):
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    h, w = x.shape[2:]
+    ho, wo = y.shape[2:]
+    win = _windows(x, k, s, p, (ho, wo))
+    # offset of window cell (i, j) from the window origin, in the plane: i*W + j
+    table = (np.arange(kh, dtype=INDEX)[:, None] * w + np.arange(kw, dtype=INDEX)).ravel()
+    # A running first maximum over the cells in row-major order t = 0 .. kh*kw-1 (what argmax over the
+    # flattened window computes, without NumPy's slow row-by-row argmax along a short axis): a later
+    # cell replaces the best only when strictly greater. The value kept is table[t], or t itself when
+    # the table is not increasing (kw > W, possible only with padding). Both only grow with t, so
+    # "acc = v where cell > y" is max(acc, v * (cell > y)): two cheap passes, no masked copy.
+    increasing = kw <= w
+    acc = idx if increasing else np.empty(y.shape, INDEX)
+    acc.fill(0)  # cell 0: table[0] == 0
+    gt = np.empty(y.shape, bool)
+    tmp = np.empty(y.shape, INDEX)
+    np.copyto(y, win[0, 0])
+    for t in range(1, kh * kw):
+        cell = win[t // kw, t % kw]
+        np.greater(cell, y, out=gt)
+        np.maximum(y, cell, out=y)
+        np.multiply(gt, table[t] if increasing else INDEX(t), out=tmp)
+        np.maximum(acc, tmp, out=acc)
+    q = None if increasing else acc  # the winning cell t of every window, when kept
+    if np.isnan(y).any():  # comparisons with NaN are false: redo with argmax, which ranks NaN first
+        flat = win.reshape((kh * kw,) + y.shape)  # a copy when win is a strided view; NaN input only
+        q = flat.argmax(axis=0)
+        np.copyto(y, np.take_along_axis(flat, q[None], axis=0)[0])
+    if q is not None:
+        np.take(table, q, out=idx)
+    # plus the window origin (h0, w0) = (ho*sh - ph, wo*sw - pw): idx = h*W + w in the unpadded plane
+    h0 = np.arange(ho, dtype=INDEX) * sh - ph
+    w0 = np.arange(wo, dtype=INDEX) * sw - pw
+    origin = h0[:, None] * w + w0
+    idx += origin
+    if p != (0, 0) and np.isneginf(y).any():
+        # a window whose real cells are all -inf ties with its -inf padding, which may come first in
+        # row-major order: point those at the window's first real cell instead
+        n_, c_, i_, j_ = np.nonzero(np.isneginf(y))
+        if q is None:  # idx - origin = i*W + j with j < kw <= W
+            a, b = np.divmod(idx[n_, c_, i_, j_] - origin[i_, j_], w)
+        else:
+            a, b = np.divmod(q[n_, c_, i_, j_], kw)
+        a, b = a + h0[i_], b + w0[j_]
+        pad = (a < 0) | (a >= h) | (b < 0) | (b >= w)
+        n_, c_, i_, j_ = n_[pad], c_[pad], i_[pad], j_[pad]
+        idx[n_, c_, i_, j_] = np.maximum(h0[i_], 0) * w + np.maximum(w0[j_], 0)
+
+
+def _cpu_backward(dy, idx, dx, k, s):
+    n, c, h, w = dx.shape
+    plane = h * w
+    if idx.size and (idx.min() < 0 or idx.max() >= plane):
+        bad = idx[(idx < 0) | (idx >= plane)].flat[0]
+        raise ValueError(f"idx: indices must lie in [0, H*W) = [0, {plane}), found {int(bad)}")
+    flat = ((np.arange(n * c, dtype=np.intp) * plane)[:, None] + idx.reshape(n * c, -1)).reshape(-1)
+    dx.fill(0)
+    if s[0] >= k[0] and s[1] >= k[1]:  # windows cannot overlap: each input receives at most one dy
+        dx.reshape(-1)[flat] = dy.reshape(-1)
+    else:  # overlapping windows: add repeats (unbuffered, in order: deterministic)
+        np.add.at(dx.reshape(-1), flat, dy.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# public ops
+
+
+def max_pool2d(x, kernel_size=2, stride=None, padding=0, *, out=None):
+    """Max pooling of x (N, C, H, W): returns (y, idx), both (N, C, Ho, Wo).
+
+    Ho = floor((H + 2*ph - kh) / sh) + 1 (likewise Wo). kernel_size, stride, padding: an int or a pair
+    (rows, cols); stride defaults to kernel_size; padding <= kernel_size // 2 per axis, padded cells
+    never win. ``idx`` (int32) is the position h*W + w of each maximum within its unpadded (n, c) plane;
+    ties go to the FIRST maximum in row-major window order; NaN wins (the first NaN). ``out`` = (y, idx):
+    preallocated float32 and int32 arrays (no allocation). Host float64 input is computed in float32;
+    host input gives host results (idx as int32).
+    """
+    k, s, p = _params(kernel_size, stride, padding)
+    x, on_host = as_input("x", x, 4, _LAYOUT)
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x: expected C, H, W >= 1, got shape {tuple(x.shape)}")
+    out_shape = _out_shape(tuple(x.shape), k, s, p)
+    if out is None:
+        y, idx = empty(out_shape), empty(out_shape, INDEX)
+    else:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out: expected a tuple (y, idx) of a float32 and an int32 array")
+        y = check_out("out[0] (y)", out[0], out_shape)
+        idx = _check_idx_out("out[1] (idx)", out[1], out_shape)
+
+    if not _backend.uses_kernels():
+        _cpu_forward(x, k, s, p, y, idx)
+        return y, idx
+    from ..kernels import pool as kpool
+
+    kpool.max_pool2d_forward(x, y, idx, k, s, p)
+    return result(y, on_host), result(idx, on_host)
+
+
+def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0, *, out=None, version=None):
+    """Gradient of :func:`max_pool2d`: dx (x_shape) with every dy added at its argmax idx.
+
+    dy: (N, C, Ho, Wo) float; idx: (N, C, Ho, Wo) int32 from max_pool2d with the same kernel_size,
+    stride and padding; x_shape: the input's (N, C, H, W). dx is WRITTEN in full (0 where no output
+    routes; summed where overlapping windows, stride < kernel, share a maximum). ``out``: a preallocated
+    float32 array of x_shape (no allocation). ``version`` picks the backward kernel on cuda/sim
+    (``gpu_cnn.kernels.pool.VERSIONS``: ``gather``, the deterministic default, or ``atomic``); ignored on
+    cpu. Host float64 input is computed in float32.
+    """
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"version: expected a version name (str) or None, got {version!r}")
+    k, s, p = _params(kernel_size, stride, padding)
+    x_shape = _x_shape(x_shape)
+    out_shape = _out_shape(x_shape, k, s, p)
+    dy, on_host = as_input("dy", dy, 4, _LAYOUT)
+    check_shape("dy", dy, out_shape)
+    idx = _as_index("idx", idx, out_shape)
+    dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
+
+    if not _backend.uses_kernels():
+        if not dx.flags.c_contiguous:
+            raise ValueError("out: expected a C-contiguous array")
+        _cpu_backward(dy, idx, dx, k, s)
+        return dx
+    from ..kernels import pool as kpool
+
+    kpool.max_pool2d_backward(dy, idx, dx, k, s, p, version=version)
+    return result(dx, on_host)

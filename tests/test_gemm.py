@@ -1,0 +1,289 @@
+"""GEMM kernels and the dense layer (gpu_cnn.ops.dense) against float64 NumPy and finite differences.
+
+Every GEMM version runs every layout (op(A) = A or Aᵀ, op(B) = B or Bᵀ) under the simulator on shapes
+that are no multiple of any tile (TILE = 16, register tile 128 x 128 x 8), including one-row and
+one-column products; the cpu path runs bigger shapes. The simulator costs ~150 µs per thread, so the
+kernel-backend shapes stay tiny.
+"""
+import numpy as np
+import pytest
+
+from gpu_cnn.ops import _base
+from gpu_cnn.ops.dense import linear, linear_backward
+
+VERSIONS = ("naive", "tiled", "register_tiled")
+LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
+# (M, N, K): odd sizes (K spans two TILEs); a single output row with K = 1; a single output column;
+# and a grid of several partial tiles (only two layouts: it costs 6 simulated blocks per launch).
+SHAPES = [(13, 7, 19), (1, 5, 1), (3, 1, 21), (33, 17, 1)]
+LAYOUT_IDS = {(False, False): "NN", (False, True): "NT", (True, False): "TN", (True, True): "TT"}
+CASES = [
+    pytest.param(ta, tb, s, id=f"{LAYOUT_IDS[ta, tb]}-{'x'.join(map(str, s))}")
+    for s in SHAPES for ta, tb in LAYOUTS if s != (33, 17, 1) or ta == tb
+]
+
+# float32 products of K <= 21 terms of size ~1 against float64: a few ulps of the largest partial sum
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _gemm():
+    from gpu_cnn.kernels import gemm  # imported after the backend is chosen (numba.cuda fixes the simulator)
+
+    return gemm
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _stored(rng, rows, cols, trans):
+    """A random operand whose op() is (rows, cols): stored transposed when trans is set."""
+    return _f32(rng, cols, rows) if trans else _f32(rng, rows, cols)
+
+
+def test_versions_are_the_ones_tested(kernel_backend):
+    assert _gemm().VERSIONS == VERSIONS
+
+
+# --- the raw GEMM, every version and layout ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("trans_a,trans_b,shape", CASES)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gemm_matches_float64_reference(kernel_backend, rng, version, trans_a, trans_b, shape):
+    gemm = _gemm()
+    m, n, k = shape
+    a = _stored(rng, m, k, trans_a)
+    b = _stored(rng, k, n, trans_b)
+    c = _base.to_device(np.full((m, n), np.nan, np.float32))  # beta = 0: C is never read, NaN must vanish
+    gemm.gemm(_base.to_device(a), _base.to_device(b), c, trans_a=trans_a, trans_b=trans_b, version=version)
+    got = c.copy_to_host()
+    ref = gemm.gemm_reference(a, b, trans_a=trans_a, trans_b=trans_b)
+    assert np.all(ref != 0)  # every output is a real sum, so an unwritten element would show
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("trans_a,trans_b,shape", [(True, False, (130, 3, 2)), (False, True, (3, 130, 2))],
+                         ids=["TN-130x3x2", "NT-3x130x2"])
+def test_register_tiled_spans_several_blocks(kernel_backend, rng, trans_a, trans_b, shape):
+    """Two 128 x 128 block tiles along M, then along N (the shapes above fit in one)."""
+    gemm = _gemm()
+    m, n, k = shape
+    a, b = _stored(rng, m, k, trans_a), _stored(rng, k, n, trans_b)
+    c = _base.to_device(np.full((m, n), np.nan, np.float32))
+    gemm.gemm(_base.to_device(a), _base.to_device(b), c, trans_a=trans_a, trans_b=trans_b, version="register_tiled")
+    ref = gemm.gemm_reference(a, b, trans_a=trans_a, trans_b=trans_b)
+    np.testing.assert_allclose(c.copy_to_host(), ref, rtol=RTOL, atol=ATOL)  # K = 2: one rounding each
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gemm_alpha_beta_bias(kernel_backend, rng, version):
+    gemm = _gemm()
+    m, n, k = 9, 11, 5
+    a, b, c0, bias = _f32(rng, k, m), _f32(rng, n, k), _f32(rng, m, n), _f32(rng, n)
+    c = _base.to_device(c0)
+    gemm.gemm(_base.to_device(a), _base.to_device(b), c, trans_a=True, trans_b=True, alpha=0.5, beta=-2.0,
+              bias=_base.to_device(bias), version=version)
+    ref = gemm.gemm_reference(a, b, c0, trans_a=True, trans_b=True, alpha=0.5, beta=-2.0, bias=bias)
+    np.testing.assert_allclose(c.copy_to_host(), ref, rtol=RTOL, atol=ATOL)  # a few float32 ulps
+
+
+def test_bias_grad_kernel_sums_columns(kernel_backend, rng):
+    gemm = _gemm()
+    dy = _f32(rng, 19, 37)  # more rows than DB_ROWS, more columns than DB_COLS, neither a multiple
+    db = _base.to_device(np.full(37, np.nan, np.float32))
+    gemm.bias_grad(_base.to_device(dy), db)
+    # 19 float32 terms summed in a different order than float64
+    np.testing.assert_allclose(db.copy_to_host(), dy.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_launcher_rejects_bad_arguments(kernel_backend, rng):
+    gemm = _gemm()
+    a = _base.to_device(_f32(rng, 4, 3))
+    b = _base.to_device(_f32(rng, 5, 2))
+    c = _base.to_device(_f32(rng, 4, 2))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        gemm.gemm(a, b, c)  # 4x3 times 5x2
+    with pytest.raises(ValueError, match="c: expected shape"):
+        gemm.gemm(a, _base.to_device(_f32(rng, 3, 5)), c)
+    with pytest.raises(TypeError, match="a: expected a device array"):
+        gemm.gemm(_f32(rng, 4, 5), b, c)
+    with pytest.raises(TypeError, match="b: expected dtype float32"):
+        gemm.gemm(a, _base.to_device(np.zeros((3, 2), np.float64)), c)
+    with pytest.raises(ValueError, match="bias"):
+        gemm.gemm(a, _base.to_device(_f32(rng, 3, 2)), c, bias=_base.to_device(_f32(rng, 3)))
+    with pytest.raises(ValueError, match="version.*naive, tiled, register_tiled"):
+        gemm.gemm(a, _base.to_device(_f32(rng, 3, 2)), c, version="cublas")
+
+
+# --- the dense layer ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_linear_forward_and_backward_every_version(kernel_backend, rng, version):
+    x, w, b, dy = _f32(rng, 5, 13), _f32(rng, 7, 13), _f32(rng, 7), _f32(rng, 5, 7)
+    from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
+
+    y = linear(x, w, b, version=version)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32  # host in, host out
+    np.testing.assert_allclose(y, linear_forward_reference(x, w, b), rtol=RTOL, atol=ATOL)
+    dx, dw, db = linear_backward(dy, x, w, version=version)
+    for name, got, ref in zip(("dx", "dw", "db"), (dx, dw, db), linear_backward_reference(dy, x, w)):
+        assert np.abs(ref).max() > 0.1, name
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("n,fin,fout", [(1, 9, 1), (6, 1, 3)])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_linear_thin_shapes(kernel_backend, rng, version, n, fin, fout):
+    """Batch 1, one input feature, one output feature: grids of a single partial tile."""
+    from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
+
+    x, w, b, dy = _f32(rng, n, fin), _f32(rng, fout, fin), _f32(rng, fout), _f32(rng, n, fout)
+    np.testing.assert_allclose(linear(x, w, b, version=version), linear_forward_reference(x, w, b), rtol=RTOL, atol=ATOL)
+    got = linear_backward(dy, x, w, version=version)
+    for name, g, r in zip(("dx", "dw", "db"), got, linear_backward_reference(dy, x, w)):
+        np.testing.assert_allclose(g, r, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_linear_cpu_bigger_shapes(cpu_backend, rng):
+    from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
+
+    x, w, b, dy = _f32(rng, 128, 400), _f32(rng, 120, 400), _f32(rng, 120), _f32(rng, 128, 120)
+    # K = 400 float32 terms of size ~1: sums of ~20, error a few ulps of that
+    np.testing.assert_allclose(linear(x, w, b), linear_forward_reference(x, w, b), rtol=1e-4, atol=1e-4)
+    for name, g, r in zip(("dx", "dw", "db"), linear_backward(dy, x, w), linear_backward_reference(dy, x, w)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_linear_without_bias(backend, rng):
+    x, w, dy = _f32(rng, 3, 6), _f32(rng, 5, 6), _f32(rng, 3, 5)
+    np.testing.assert_allclose(linear(x, w), x.astype(np.float64) @ w.T, rtol=RTOL, atol=ATOL)
+    dx, dw, db = linear_backward(dy, x, w, bias=False, need_dx=False)
+    assert dx is None and db is None
+    np.testing.assert_allclose(dw, dy.astype(np.float64).T @ x, rtol=RTOL, atol=ATOL)
+
+
+def test_linear_float64_host_input_is_computed_in_float32(backend, rng):
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal((2, 4))
+    y = linear(x, w)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)  # float32 rounding of the inputs
+
+
+# --- finite differences: each gradient on its own ------------------------------------------------------
+
+FD_EPS = 1e-6
+
+
+def _fd_setup(rng):
+    x, w, b = rng.standard_normal((3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+    g = rng.standard_normal((3, 4))  # L = Σ g ⊙ y, so dL/dy = g
+    return x, w, b, g
+
+
+def _loss64(x, w, b, g):
+    return float((g * (x @ w.T + b)).sum())
+
+
+def _numgrad(f, p):
+    grad = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        old = p[i]
+        p[i] = old + FD_EPS
+        up = f()
+        p[i] = old - FD_EPS
+        down = f()
+        p[i] = old
+        grad[i] = (up - down) / (2 * FD_EPS)
+    return grad
+
+
+# The op computes in float32 on float32-rounded inputs; central differences in float64 are exact to
+# ~1e-9, so the gap is float32 rounding of sums of ~5 terms of size ~1: 1e-5 relative is ample.
+def test_linear_dx_matches_finite_differences(backend, rng):
+    x, w, b, g = _fd_setup(rng)
+    num = _numgrad(lambda: _loss64(x, w, b, g), x)
+    dx, _, _ = linear_backward(g.astype(np.float32), x.astype(np.float32), w.astype(np.float32))
+    np.testing.assert_allclose(dx, num, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_dw_matches_finite_differences(backend, rng):
+    x, w, b, g = _fd_setup(rng)
+    num = _numgrad(lambda: _loss64(x, w, b, g), w)
+    _, dw, _ = linear_backward(g.astype(np.float32), x.astype(np.float32), w.astype(np.float32), need_dx=False)
+    np.testing.assert_allclose(dw, num, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_db_matches_finite_differences(backend, rng):
+    x, w, b, g = _fd_setup(rng)
+    num = _numgrad(lambda: _loss64(x, w, b, g), b)
+    _, _, db = linear_backward(g.astype(np.float32), x.astype(np.float32), w.astype(np.float32), need_dx=False)
+    np.testing.assert_allclose(db, num, rtol=1e-5, atol=1e-5)
+
+
+# --- device arrays, out=, no allocation -------------------------------------------------------------
+
+
+def test_linear_with_out_makes_no_allocation(kernel_backend, rng):
+    x, w, b, dy = (_base.to_device(a) for a in (_f32(rng, 5, 6), _f32(rng, 3, 6), _f32(rng, 3), _f32(rng, 5, 3)))
+    y, dx, dw, db = (_base.empty(s) for s in ((5, 3), (5, 6), (3, 6), (3,)))
+    before = _base.allocation_stats()
+    got = linear(x, w, b, out=y)
+    grads = linear_backward(dy, x, w, out=(dx, dw, db))
+    none_dx = linear_backward(dy, x, w, out=(None, dw, None), bias=False, need_dx=False)
+    assert _base.allocation_stats() == before
+    assert got is y and all(g is o for g, o in zip(grads, (dx, dw, db)))  # device in, device out
+    assert none_dx[0] is None and none_dx[1] is dw and none_dx[2] is None
+    xh, wh, bh, dyh = (a.copy_to_host() for a in (x, w, b, dy))
+    np.testing.assert_allclose(y.copy_to_host(), xh.astype(np.float64) @ wh.T + bh, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(dx.copy_to_host(), dyh.astype(np.float64) @ wh, rtol=RTOL, atol=ATOL)
+
+
+def test_linear_with_out_on_cpu_writes_in_place(cpu_backend, rng):
+    x, w, b, dy = _f32(rng, 5, 6), _f32(rng, 3, 6), _f32(rng, 3), _f32(rng, 5, 3)
+    y = np.empty((5, 3), np.float32)
+    outs = (np.empty((5, 6), np.float32), np.empty((3, 6), np.float32), np.empty(3, np.float32))
+    assert linear(x, w, b, out=y) is y
+    got = linear_backward(dy, x, w, out=outs)
+    assert all(g is o for g, o in zip(got, outs))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_linear_rejects_bad_input(backend, rng):
+    x, w, b = _f32(rng, 4, 6), _f32(rng, 3, 6), _f32(rng, 3)
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        linear(x[0], w)
+    with pytest.raises(ValueError, match="w: expected a 2-D"):
+        linear(x, w[0])
+    with pytest.raises(ValueError, match="w: expected in_features = 6"):
+        linear(x, _f32(rng, 3, 5))
+    with pytest.raises(ValueError, match="b: expected shape"):
+        linear(x, w, _f32(rng, 4))
+    with pytest.raises(TypeError, match="x: expected a floating-point"):
+        linear(x.astype(np.int32), w)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        linear(x, w, out=_base.empty((4, 4)))
+    with pytest.raises(TypeError, match="version"):
+        linear(x, w, version=2)
+
+
+def test_linear_backward_rejects_bad_input(backend, rng):
+    x, w, dy = _f32(rng, 4, 6), _f32(rng, 3, 6), _f32(rng, 4, 3)
+    with pytest.raises(ValueError, match="dy: expected a 2-D"):
+        linear_backward(dy[0], x, w)
+    with pytest.raises(ValueError, match="w: expected out_features = 3"):
+        linear_backward(dy, x, _f32(rng, 2, 6))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        linear_backward(dy, _f32(rng, 5, 6), w)
+    with pytest.raises(TypeError, match="out: expected a tuple"):
+        linear_backward(dy, x, w, out=_base.empty((4, 6)))
+    with pytest.raises(ValueError, match="dw"):
+        linear_backward(dy, x, w, out=(None, _base.empty((6, 3)), None))
+
+
+def test_unknown_version_is_rejected(kernel_backend, rng):
+    with pytest.raises(ValueError, match="version: unknown GEMM version 'fast'"):
+        linear(_f32(rng, 2, 3), _f32(rng, 4, 3), version="fast")

@@ -217,7 +217,7 @@ def _read_image(path, shape, norm, raw=False):
 
 def cmd_bench(args):
     argv = ["--backend", args.backend] if args.backend else []
-    argv += args.rest
+    argv += getattr(args, "rest", [])
     from benchmarks import kernels as kb
 
     return kb.main(argv)
@@ -261,7 +261,6 @@ def build_parser():
 
     p = sub.add_parser("bench", help="kernel benchmarks (python -m benchmarks.kernels)")
     _backend_arg(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to benchmarks.kernels")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the CNN explainer's worked example, printed; figures with --out")
@@ -281,7 +280,10 @@ def build_parser():
 
 def main(argv=None):
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if rest and getattr(args, "func", None) is not cmd_bench:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     if not getattr(args, "func", None):
         ap.print_help()
         return 1

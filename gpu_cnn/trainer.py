@@ -49,7 +49,7 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
-                 weight_decay=0.0, val_split=0.0, progress=None, checkpoint_path=None, metadata=None):
+                 weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None):
         from .optim import make_optimizer
 
         if not (isinstance(batch_size, int) and batch_size > 0):
@@ -63,7 +63,7 @@ class Trainer:
         self.progress = progress
         self.checkpoint_path = checkpoint_path
         self.metadata = dict(metadata or {})
-        kw = {"weight_decay": weight_decay}
+        kw = {} if weight_decay is None else {"weight_decay": weight_decay}
         if optimizer == "sgd":
             kw["momentum"] = momentum
         pairs = [(p.data, p.grad) for p in model.parameters()]

@@ -440,11 +440,15 @@ def conv2d_forward(x, w, b, y, stride, padding, version=None):
     """Device arrays in and out, no allocation: y (N, O, Ho, Wo) is written. b may be None.
 
     stride, padding: (int, int) pairs. version: one of VERSIONS; None picks ``tiled`` where its shared
-    arrays hold the filter and stride (kH, kW <= MAX_K, strides <= MAX_STRIDE), else ``naive``.
+    arrays hold the filter and stride (kH, kW <= MAX_K, strides <= MAX_STRIDE) on a GPU, else ``naive``
+    (always ``naive`` under the simulator).
     """
     _params(stride, padding)
     if version is None:
-        version = DEFAULT_VERSION if tiled_supported(tuple(w.shape), stride) else "naive"
+        # The simulator runs a block's 256 threads as Python threads meeting at every barrier: the tiled
+        # kernel is tested there by name, but as a default it would make whole-model runs crawl.
+        tiled_ok = tiled_supported(tuple(w.shape), stride) and not config.ENABLE_CUDASIM
+        version = DEFAULT_VERSION if tiled_ok else "naive"
     if version not in _FORWARD:
         raise ValueError(f"version: unknown conv2d forward version {version!r}; expected one of {', '.join(VERSIONS)}")
     return _FORWARD[version](x, w, b, y, stride, padding)

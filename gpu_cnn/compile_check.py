@@ -71,10 +71,10 @@ def build(name, entry, cc, ptxas, workdir):
     from numba import cuda
 
     disp, sig, _ = entry
-    is_device = not hasattr(disp, "configure") and getattr(disp, "_device", False) is not False
+    is_device = bool(disp.targetoptions.get("device"))
     res = {"kernel": name, "arch": f"sm_{cc[0]}{cc[1]}", "signature": sig}
     try:
-        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc, device=bool(getattr(disp, "targetoptions", {}).get("device")))
+        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc, device=is_device)
     except Exception as exc:  # report every failure, do not stop at the first
         res["error"] = f"compile_ptx: {type(exc).__name__}: {exc}"
         return res
@@ -91,6 +91,9 @@ def build(name, entry, cc, ptxas, workdir):
     regs = _RE_REGS.search(out)
     spill = _RE_SPILL.search(out)
     smem = _RE_SMEM.search(out)
+    if is_device:  # built alone only to prove it compiles: it is inlined, its registers count in its callers
+        res.update(device_function=True, registers=None, shared_bytes=None, spill_stores=None, spill_loads=None)
+        return res
     res.update(
         registers=int(regs.group(1)) if regs else 0,
         shared_bytes=int(smem.group(1)) if smem else 0,
@@ -100,9 +103,30 @@ def build(name, entry, cc, ptxas, workdir):
     return res
 
 
+def _type_device_functions_without_gpu(cc):
+    """Let kernels that call device functions build with no GPU present.
+
+    Typing such a call compiles the device function for ``get_current_device().compute_capability``
+    (numba-cuda 0.30, ``CUDADispatcher.compile_device``), which needs a driver. Without one, answer
+    with ``cc``, the oldest arch built: the device function stays LLVM IR until it is linked into each
+    kernel, and the kernel's own ``cc`` decides its PTX. With a GPU nothing is changed.
+    """
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    if cuda.is_available():
+        return
+
+    class _NoDevice:
+        compute_capability = cc
+
+    dispatcher.get_current_device = lambda: _NoDevice
+
+
 def check_all(archs=ARCHS, jobs=None):
     ptxas = find_ptxas()
     kernels = collect_kernels()
+    _type_device_functions_without_gpu(min(archs))
     tasks = [(name, entry, cc) for name, entry in sorted(kernels.items()) for cc in archs]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         return list(pool.map(lambda t: build(t[0], t[1], t[2], ptxas, tmp), tasks))
@@ -115,6 +139,8 @@ def format_table(results, arch="sm_90"):
     for r in rows:
         if "error" in r:
             lines.append(f"{r['kernel']:<{width}}  FAILED: {r['error'].splitlines()[0]}")
+        elif r.get("device_function"):
+            lines.append(f"{r['kernel']:<{width}}  {'device function, inlined into its callers':>35}")
         else:
             lines.append(
                 f"{r['kernel']:<{width}}  {r['registers']:>5}  {r['shared_bytes']:>7}  {r['spill_stores']:>8}  {r['spill_loads']:>8}"

@@ -1,4 +1,5 @@
-"""Helpers shared by every kernel module: ceil_div, launch grids, the kernel registry and fills.
+"""Helpers shared by every kernel module: ceil_div, launch grids, the kernel registry, fills, and the
+device functions every kernel needs (flat-index unravelling, block-wide tree reductions).
 
 Every kernel is declared with :func:`kernel`, which keeps it lazy (``@cuda.jit`` without a signature,
 so importing works without a GPU) and records the signature the compile check builds it with.
@@ -47,6 +48,49 @@ def device_function(signature):
         return f
 
     return deco
+
+
+# --- device functions (inlined into the kernels that call them) ----------------------------------------
+
+
+@device_function("UniTuple(int64, 4)(int64, int64, int64, int64)")
+def unravel4(i, B, C, D):
+    """(a, b, c, d) of flat index i in a C-contiguous (A, B, C, D) array; d runs fastest.
+
+    One thread per element, consecutive threads on consecutive d, so their loads and stores coalesce.
+    """
+    d = i % D
+    t = i // D
+    c = t % C
+    t = t // C
+    return t // B, t % B, c, d
+
+
+@device_function("void(float32[::1], int64)")
+def block_sum(buf, tid):
+    """buf[0] = Σ buf by a shared-memory tree; len(buf) is the block size, a power of two.
+
+    Every thread of the block must call it (it holds barriers), after writing its own buf[tid].
+    """
+    cuda.syncthreads()
+    s = buf.shape[0] // 2
+    while s > 0:
+        if tid < s:
+            buf[tid] += buf[tid + s]
+        cuda.syncthreads()
+        s //= 2
+
+
+@device_function("void(float32[::1], int64)")
+def block_max(buf, tid):
+    """buf[0] = max of buf, as :func:`block_sum` (same barriers, same calling rule)."""
+    cuda.syncthreads()
+    s = buf.shape[0] // 2
+    while s > 0:
+        if tid < s:
+            buf[tid] = max(buf[tid], buf[tid + s])
+        cuda.syncthreads()
+        s //= 2
 
 
 @kernel("void(float32[::1], float32)")

@@ -41,7 +41,7 @@ Run the checks: ``python -m pytest tests/test_conv2d.py`` (simulator); build for
 import numpy as np
 from numba import config, cuda, float32
 
-from ._common import ceil_div, check_device_array, grid_1d, kernel
+from ._common import block_sum, ceil_div, check_device_array, grid_1d, kernel, unravel4
 
 VERSIONS = ("naive", "tiled")  # forward versions
 DEFAULT_VERSION = "tiled"  # where it applies (see tiled_supported), else naive
@@ -139,12 +139,7 @@ def conv2d_forward_naive_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
     O, KH, KW = w.shape[0], w.shape[2], w.shape[3]
     Ho, Wo = y.shape[2], y.shape[3]
     t = cuda.grid(1)
-    wo = t % Wo  # consecutive threads: consecutive wo, so the stores coalesce
-    r = t // Wo
-    ho = r % Ho
-    r = r // Ho
-    o = r % O
-    n = r // O
+    n, o, ho, wo = unravel4(t, O, Ho, Wo)  # consecutive threads: consecutive wo, so the stores coalesce
     if t < N * O * Ho * Wo:
         h0 = ho * sh - ph
         w0 = wo * sw - pw
@@ -179,13 +174,7 @@ def conv2d_forward_tiled_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
     # one block per (n, o, tile row, tile column); the tile column runs fastest
     tiles_w = (Wo + TILE_W - 1) // TILE_W
     tiles_h = (Ho + TILE_H - 1) // TILE_H
-    blk = cuda.blockIdx.x
-    tile_x = blk % tiles_w
-    r = blk // tiles_w
-    tile_y = r % tiles_h
-    r = r // tiles_h
-    o = r % O
-    n = r // O
+    n, o, tile_y, tile_x = unravel4(cuda.blockIdx.x, O, tiles_h, tiles_w)
     ho = tile_y * TILE_H + ty
     wo = tile_x * TILE_W + tx
     h0 = tile_y * TILE_H * sh - ph  # input row of the patch's first row (may be in the padding)
@@ -232,12 +221,7 @@ def conv2d_backward_input_kernel(dy, w, dx, sh, sw, ph, pw):
     O, KH, KW = w.shape[0], w.shape[2], w.shape[3]
     Ho, Wo = dy.shape[2], dy.shape[3]
     t = cuda.grid(1)
-    wx = t % W
-    r = t // W
-    hx = r % H
-    r = r // H
-    c = r % C
-    n = r // C
+    n, c, hx, wx = unravel4(t, C, H, W)
     if t < N * C * H * W:
         acc = float32(0.0)
         for i in range(KH):
@@ -265,12 +249,7 @@ def conv2d_backward_weight_kernel(dy, x, dw, sh, sw, ph, pw):
     Ho, Wo = dy.shape[2], dy.shape[3]
     tid = cuda.threadIdx.x
     blk = cuda.blockIdx.x
-    j = blk % KW
-    r = blk // KW
-    i = r % KH
-    r = r // KH
-    c = r % C
-    o = r // C
+    o, c, i, j = unravel4(blk, C, KH, KW)
     valid = blk < O * C * KH * KW  # uniform over the block: every thread still reaches the barriers
     plane = Ho * Wo
     total = N * plane
@@ -289,13 +268,7 @@ def conv2d_backward_weight_kernel(dy, x, dw, sh, sw, ph, pw):
                 if hi >= 0 and hi < H and wi >= 0 and wi < W:
                     acc += dy[n, o, ho, wo] * x[n, c, hi, wi]
     part[tid] = acc
-    cuda.syncthreads()
-    s = RED_THREADS // 2
-    while s > 0:
-        if tid < s:
-            part[tid] += part[tid + s]
-        cuda.syncthreads()
-        s //= 2
+    block_sum(part, tid)
     if valid and tid == 0:
         dw[o, c, i, j] = part[0]
 
@@ -322,13 +295,7 @@ def conv2d_backward_bias_kernel(dy, db):
                 ho = q // Wo
                 acc += dy[n, o, ho, q - ho * Wo]
     part[tid] = acc
-    cuda.syncthreads()
-    s = RED_THREADS // 2
-    while s > 0:
-        if tid < s:
-            part[tid] += part[tid + s]
-        cuda.syncthreads()
-        s //= 2
+    block_sum(part, tid)
     if valid and tid == 0:
         db[o] = part[0]
 

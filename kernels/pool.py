@@ -34,7 +34,7 @@ Run the checks: ``python -m pytest tests/test_pool.py`` (simulator); build for r
 import numpy as np
 from numba import cuda, float32, int32
 
-from ._common import check_device_array, fill, grid_1d, kernel
+from ._common import check_device_array, fill, grid_1d, kernel, unravel4
 
 VERSIONS = ("gather", "atomic")  # backward versions
 DEFAULT_VERSION = "gather"
@@ -101,12 +101,7 @@ def maxpool_forward_kernel(x, y, idx, kh, kw, sh, sw, ph, pw):
     N, C, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     Ho, Wo = y.shape[2], y.shape[3]
     i = cuda.grid(1)
-    wo = i % Wo
-    t = i // Wo
-    ho = t % Ho
-    t = t // Ho
-    c = t % C
-    n = t // C
+    n, c, ho, wo = unravel4(i, C, Ho, Wo)
     if i < N * C * Ho * Wo:
         # clip the window to the real cells: padding is skipped, never compared
         h0 = ho * sh - ph
@@ -137,12 +132,7 @@ def maxpool_backward_gather_kernel(dy, idx, dx, kh, kw, sh, sw, ph, pw):
     N, C, H, W = dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]
     Ho, Wo = dy.shape[2], dy.shape[3]
     i = cuda.grid(1)
-    w = i % W
-    t = i // W
-    h = t % H
-    t = t // H
-    c = t % C
-    n = t // C
+    n, c, h, w = unravel4(i, C, H, W)
     if i < N * C * H * W:
         # outputs whose window holds row h: ho*sh - ph <= h <= ho*sh - ph + kh - 1.
         # The lower bound is written without negative operands (// of a negative is easy to get wrong).
@@ -170,12 +160,7 @@ def maxpool_backward_atomic_kernel(dy, idx, dx):
     N, C, H, W = dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]
     Ho, Wo = dy.shape[2], dy.shape[3]
     i = cuda.grid(1)
-    wo = i % Wo
-    t = i // Wo
-    ho = t % Ho
-    t = t // Ho
-    c = t % C
-    n = t // C
+    n, c, ho, wo = unravel4(i, C, Ho, Wo)
     if i < N * C * Ho * Wo:
         k = idx[n, c, ho, wo]
         if k >= 0 and k < H * W:  # a bad index is dropped, never written out of bounds

@@ -24,7 +24,7 @@ import numpy as np
 from numba import cuda, float32
 from numba.core import config
 
-from ._common import check_device_array, grid_1d, kernel
+from ._common import block_max, block_sum, check_device_array, grid_1d, kernel
 
 VERSIONS = ("fused",)
 DEFAULT_VERSION = "fused"
@@ -82,13 +82,7 @@ def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
         for j in range(tid, C, SM_TPB):
             mx = max(mx, logits[row, j])
     buf[tid] = mx
-    cuda.syncthreads()
-    stride = SM_TPB // 2
-    while stride > 0:
-        if tid < stride:
-            buf[tid] = max(buf[tid], buf[tid + stride])
-        cuda.syncthreads()
-        stride //= 2
+    block_max(buf, tid)
     mx = buf[0]
     cuda.syncthreads()  # everyone has read buf[0] before buf is reused
 
@@ -98,13 +92,7 @@ def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
         for j in range(tid, C, SM_TPB):
             acc += math.exp(logits[row, j] - mx)
     buf[tid] = acc
-    cuda.syncthreads()
-    stride = SM_TPB // 2
-    while stride > 0:
-        if tid < stride:
-            buf[tid] += buf[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    block_sum(buf, tid)
     total = buf[0]
 
     # 3. probabilities and the row's loss from the log-sum-exp (never log of a rounded p)
@@ -131,13 +119,7 @@ def batch_mean_kernel(row_loss, loss):
     for i in range(tid, N, SM_TPB):
         acc += row_loss[i]
     buf[tid] = acc
-    cuda.syncthreads()
-    stride = SM_TPB // 2
-    while stride > 0:
-        if tid < stride:
-            buf[tid] += buf[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    block_sum(buf, tid)
     if tid == 0:
         loss[0] = buf[0] / float32(N)
 

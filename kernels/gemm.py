@@ -321,38 +321,30 @@ def _scalars(alpha, beta, bias, c):
     return bias_arg, int(bias is not None), np.float32(alpha), np.float32(beta)
 
 
-def gemm_naive(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
+def _launch(kern, block_m, block_n, threads, a, b, c, trans_a, trans_b, alpha, beta, bias):
+    """Check the operands, then launch `kern` with one block per block_m x block_n tile of c."""
     M, N, _ = _check_gemm(a, b, c, trans_a, trans_b, bias)
     if M == 0 or N == 0:
         return c
     bias_arg, has_bias, alpha, beta = _scalars(alpha, beta, bias, c)
-    threads = (TILE, TILE)
-    blocks = (ceil_div(N, TILE), ceil_div(M, TILE))
-    gemm_naive_kernel[blocks, threads](a, b, c, bias_arg, int(bool(trans_a)), int(bool(trans_b)), has_bias, alpha, beta)
+    blocks = (ceil_div(N, block_n), ceil_div(M, block_m))
+    kern[blocks, threads](a, b, c, bias_arg, int(bool(trans_a)), int(bool(trans_b)), has_bias, alpha, beta)
     return c
+
+
+def gemm_naive(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
+    """naive: one thread per element of c, TILE x TILE threads per block."""
+    return _launch(gemm_naive_kernel, TILE, TILE, (TILE, TILE), a, b, c, trans_a, trans_b, alpha, beta, bias)
 
 
 def gemm_tiled(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
-    M, N, _ = _check_gemm(a, b, c, trans_a, trans_b, bias)
-    if M == 0 or N == 0:
-        return c
-    bias_arg, has_bias, alpha, beta = _scalars(alpha, beta, bias, c)
-    threads = (TILE, TILE)
-    blocks = (ceil_div(N, TILE), ceil_div(M, TILE))
-    gemm_tiled_kernel[blocks, threads](a, b, c, bias_arg, int(bool(trans_a)), int(bool(trans_b)), has_bias, alpha, beta)
-    return c
+    """tiled: one thread per element of c, TILE x TILE operand tiles staged in shared memory."""
+    return _launch(gemm_tiled_kernel, TILE, TILE, (TILE, TILE), a, b, c, trans_a, trans_b, alpha, beta, bias)
 
 
 def gemm_register_tiled(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
-    M, N, _ = _check_gemm(a, b, c, trans_a, trans_b, bias)
-    if M == 0 or N == 0:
-        return c
-    bias_arg, has_bias, alpha, beta = _scalars(alpha, beta, bias, c)
-    blocks = (ceil_div(N, RT_BN), ceil_div(M, RT_BM))
-    gemm_register_tiled_kernel[blocks, RT_THREADS](
-        a, b, c, bias_arg, int(bool(trans_a)), int(bool(trans_b)), has_bias, alpha, beta
-    )
-    return c
+    """register_tiled: RT_BM x RT_BN of c per block of RT_THREADS, a register tile per thread."""
+    return _launch(gemm_register_tiled_kernel, RT_BM, RT_BN, RT_THREADS, a, b, c, trans_a, trans_b, alpha, beta, bias)
 
 
 def bias_grad(dy, db, alpha=1.0, beta=0.0):

@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 from numba import cuda, float32
 
-from ._common import TPB_1D, ceil_div, check_device_array, kernel
+from ._common import TPB_1D, ceil_div, check_device_array, device_function, kernel
 
 VERSIONS = ("naive", "ilp")
 DEFAULT_VERSION = "naive"  # element-wise and memory bound: the simplest is expected to be as fast (not yet measured)
@@ -69,18 +69,76 @@ def adam_reference(p, g, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weigh
 
 
 # --- kernels ---
+# Each update is one device function on element i; the naive and ilp kernels differ only in which
+# elements a thread visits (inlined: the kernels build to the same code as if written out).
+
+_SGD_ARGS = "float32[::1], float32[::1], int64, float32, float32"
+_SGD_MOMENTUM_ARGS = "float32[::1], float32[::1], float32[::1], int64, float32, float32, float32, float32, int64, int64"
+_ADAM_ARGS = ("float32[::1], float32[::1], float32[::1], float32[::1], int64, float32, float32, float32, float32, "
+              "float32, float32, float32, float32, float32")
+
+
+@device_function(f"void({_SGD_ARGS})")
+def sgd_element(p, g, i, lr, weight_decay):
+    """Plain SGD (no momentum, no state) on element i."""
+    d = g[i]
+    if weight_decay != float32(0.0):
+        d += weight_decay * p[i]
+    p[i] -= lr * d
+
+
+@device_function(f"void({_SGD_MOMENTUM_ARGS})")
+def sgd_momentum_element(p, g, buf, i, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step):
+    """SGD with a momentum buffer (dampening, Nesterov, L2 decay) on element i.
+
+    nesterov, first_step: 0 or 1 (uniform across the grid, no divergence).
+    """
+    pi = p[i]
+    d = g[i]
+    if weight_decay != float32(0.0):
+        d += weight_decay * pi
+    if first_step != 0:
+        b = d  # PyTorch starts the buffer at the gradient itself, not at zero
+    else:
+        b = momentum * buf[i] + one_minus_dampening * d
+    buf[i] = b
+    if nesterov != 0:
+        d += momentum * b
+    else:
+        d = b
+    p[i] = pi - lr * d
+
+
+@device_function(f"void({_ADAM_ARGS})")
+def adam_element(p, g, m, v, i, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt,
+                 eps, weight_decay, decay):
+    """Adam / AdamW on element i.
+
+    step_size = lr / (1 − beta1^t); weight_decay: L2 term added to g (Adam; 0 for AdamW);
+    decay: p multiplier 1 − lr·wd (AdamW; 1 for Adam).
+    """
+    pi = p[i]
+    gi = g[i]
+    if weight_decay != float32(0.0):
+        gi += weight_decay * pi
+    if decay != float32(1.0):
+        pi *= decay
+    mi = beta1 * m[i] + one_minus_beta1 * gi
+    vi = beta2 * v[i] + one_minus_beta2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    # m̂ / (sqrt(v̂) + eps) with the corrections folded into step_size and the denominator, as PyTorch
+    denom = math.sqrt(vi) / bias_correction2_sqrt + eps
+    p[i] = pi - step_size * (mi / denom)
 
 
 @kernel("void(float32[::1], float32[::1], float32, float32)")
 def sgd_naive_kernel(p, g, lr, weight_decay):
-    """Plain SGD (no momentum, no state), one thread per element."""
+    """Plain SGD, one thread per element."""
     # p, g: (n,) float32
     i = cuda.grid(1)
     if i < p.shape[0]:
-        d = g[i]
-        if weight_decay != float32(0.0):
-            d += weight_decay * p[i]
-        p[i] -= lr * d
+        sgd_element(p, g, i, lr, weight_decay)
 
 
 @kernel("void(float32[::1], float32[::1], float32, float32)")
@@ -91,32 +149,16 @@ def sgd_ilp_kernel(p, g, lr, weight_decay):
     for k in range(ELEMS_PER_THREAD):
         i = base + k * cuda.blockDim.x
         if i < p.shape[0]:
-            d = g[i]
-            if weight_decay != float32(0.0):
-                d += weight_decay * p[i]
-            p[i] -= lr * d
+            sgd_element(p, g, i, lr, weight_decay)
 
 
 @kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)")
 def sgd_momentum_naive_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step):
-    """SGD with a momentum buffer (dampening, Nesterov, L2 decay), one thread per element."""
-    # p, g, buf: (n,) float32; nesterov, first_step: 0 or 1 (uniform across the grid, no divergence)
+    """SGD with momentum, one thread per element."""
+    # p, g, buf: (n,) float32; nesterov, first_step: 0 or 1
     i = cuda.grid(1)
     if i < p.shape[0]:
-        pi = p[i]
-        d = g[i]
-        if weight_decay != float32(0.0):
-            d += weight_decay * pi
-        if first_step != 0:
-            b = d  # PyTorch starts the buffer at the gradient itself, not at zero
-        else:
-            b = momentum * buf[i] + one_minus_dampening * d
-        buf[i] = b
-        if nesterov != 0:
-            d += momentum * b
-        else:
-            d = b
-        p[i] = pi - lr * d
+        sgd_momentum_element(p, g, buf, i, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step)
 
 
 @kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)")
@@ -127,20 +169,7 @@ def sgd_momentum_ilp_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight
     for k in range(ELEMS_PER_THREAD):
         i = base + k * cuda.blockDim.x
         if i < p.shape[0]:
-            pi = p[i]
-            d = g[i]
-            if weight_decay != float32(0.0):
-                d += weight_decay * pi
-            if first_step != 0:
-                b = d
-            else:
-                b = momentum * buf[i] + one_minus_dampening * d
-            buf[i] = b
-            if nesterov != 0:
-                d += momentum * b
-            else:
-                d = b
-            p[i] = pi - lr * d
+            sgd_momentum_element(p, g, buf, i, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step)
 
 
 @kernel(
@@ -149,27 +178,12 @@ def sgd_momentum_ilp_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight
 )
 def adam_naive_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt,
                       eps, weight_decay, decay):
-    """Adam / AdamW, one thread per element.
-
-    step_size = lr / (1 − beta1^t); weight_decay: L2 term added to g (Adam; 0 for AdamW);
-    decay: p multiplier 1 − lr·wd (AdamW; 1 for Adam).
-    """
+    """Adam / AdamW, one thread per element."""
     # p, g, m, v: (n,) float32
     i = cuda.grid(1)
     if i < p.shape[0]:
-        pi = p[i]
-        gi = g[i]
-        if weight_decay != float32(0.0):
-            gi += weight_decay * pi
-        if decay != float32(1.0):
-            pi *= decay
-        mi = beta1 * m[i] + one_minus_beta1 * gi
-        vi = beta2 * v[i] + one_minus_beta2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        # m̂ / (sqrt(v̂) + eps) with the corrections folded into step_size and the denominator, as PyTorch
-        denom = math.sqrt(vi) / bias_correction2_sqrt + eps
-        p[i] = pi - step_size * (mi / denom)
+        adam_element(p, g, m, v, i, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                     bias_correction2_sqrt, eps, weight_decay, decay)
 
 
 @kernel(
@@ -184,18 +198,8 @@ def adam_ilp_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, 
     for k in range(ELEMS_PER_THREAD):
         i = base + k * cuda.blockDim.x
         if i < p.shape[0]:
-            pi = p[i]
-            gi = g[i]
-            if weight_decay != float32(0.0):
-                gi += weight_decay * pi
-            if decay != float32(1.0):
-                pi *= decay
-            mi = beta1 * m[i] + one_minus_beta1 * gi
-            vi = beta2 * v[i] + one_minus_beta2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            denom = math.sqrt(vi) / bias_correction2_sqrt + eps
-            p[i] = pi - step_size * (mi / denom)
+            adam_element(p, g, m, v, i, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                         bias_correction2_sqrt, eps, weight_decay, decay)
 
 
 # --- launchers ---

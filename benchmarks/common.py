@@ -75,6 +75,27 @@ def select_backend(name, prog, check=False):
     return name
 
 
+def start(prog, parse_args, argv=None):
+    """Parse a benchmark's command line and select its backend: (args, argv, backend).
+
+    ``argv`` defaults to sys.argv[1:]; a ``--`` separator is dropped (``gpu-cnn bench --backend cpu --
+    --quick`` passes one). backend is None when the run is refused (under the simulator without
+    ``--check``, or a backend that cannot run here): the reason is then printed to stderr, and the caller
+    exits with status 2.
+    """
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
+    args = parse_args(argv)
+    try:
+        backend = select_backend(args.backend, prog, check=args.check)
+    except SimRefused as exc:
+        print(exc.message, file=sys.stderr)
+        backend = None
+    except BackendUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        backend = None
+    return args, argv, backend
+
+
 def import_torch(device):
     """PyTorch configured for honest FP32 comparisons (TF32 off everywhere), or None when it cannot be
     imported or (device 'cuda') sees no GPU."""

@@ -717,16 +717,8 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a for a in argv if a != "--"]  # `gpu-cnn bench --backend cpu -- --quick` passes a separator
-    args = parse_args(argv)
-    try:
-        backend = C.select_backend(args.backend, "benchmarks.kernels", check=args.check)
-    except C.SimRefused as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
-    except C.BackendUnavailable as exc:
-        print(f"benchmarks.kernels: {exc}", file=sys.stderr)
+    args, argv, backend = C.start("benchmarks.kernels", parse_args, argv)
+    if backend is None:
         return 2
     if backend == "sim" and "--sweep" not in " ".join(argv):
         args.sweep = "tiny"  # the simulator runs Python threads: only tiny shapes are practical

@@ -170,16 +170,8 @@ def time_windows(sides, windows, steps):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a for a in argv if a != "--"]  # `gpu-cnn bench --backend cpu -- --quick` passes a separator
-    args = parse_args(argv)
-    try:
-        backend = C.select_backend(args.backend, "benchmarks.train", check=args.check)
-    except C.SimRefused as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
-    except C.BackendUnavailable as exc:
-        print(f"benchmarks.train: {exc}", file=sys.stderr)
+    args, argv, backend = C.start("benchmarks.train", parse_args, argv)
+    if backend is None:
         return 2
     from gpu_cnn import models, nn
 

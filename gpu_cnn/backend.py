@@ -86,7 +86,6 @@ def set_backend(name):
 def get_backend():
     """The current backend name, choosing one on first use: $GPU_CNN_BACKEND, else cuda if a GPU is
     present, else cpu."""
-    global _backend
     if _backend is None:
         env = os.environ.get(ENV_VAR, "").strip()
         if env:

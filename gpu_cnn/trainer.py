@@ -12,7 +12,6 @@ import numpy as np
 from . import backend as _backend
 from . import functional as F
 from .memory import HostStaging, Workspace
-from .ops import _base
 
 
 class TrainingError(RuntimeError):

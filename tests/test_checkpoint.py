@@ -1,14 +1,11 @@
 """Checkpoints: round trip, atomic writes, and every refusal."""
-import io
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
 
-import gpu_cnn
-from gpu_cnn import models, nn
+from gpu_cnn import models
 from gpu_cnn.checkpoint import CheckpointError, META_KEY, load, save
 
 

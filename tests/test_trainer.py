@@ -1,12 +1,10 @@
 """Trainer: learning, determinism, NaN handling, validation split."""
-import json
-import os
 
 import numpy as np
 import pytest
 
 import gpu_cnn
-from gpu_cnn import models, nn
+from gpu_cnn import models
 from gpu_cnn.trainer import Trainer, TrainingError
 
 

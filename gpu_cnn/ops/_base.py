@@ -108,8 +108,8 @@ def as_labels(name, labels, n, num_classes):
     return host
 
 
-def check_out(name, out, shape, on_kernels=None):
-    """Validate a caller-provided output buffer of the backend's kind."""
+def check_out(name, out, shape, on_kernels=None, dtype=FLOAT):
+    """Validate a caller-provided output buffer of the backend's kind (float32 unless ``dtype`` says)."""
     on_kernels = _backend.uses_kernels() if on_kernels is None else on_kernels
     if on_kernels:
         if not is_device_array(out):
@@ -117,8 +117,8 @@ def check_out(name, out, shape, on_kernels=None):
         out = _as_cuda_array(out)
     elif not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected a NumPy array on backend 'cpu'")
-    if np.dtype(out.dtype) != FLOAT:
-        raise TypeError(f"{name}: expected float32, got {np.dtype(out.dtype).name}")
+    if np.dtype(out.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name}: expected {np.dtype(dtype).name}, got {np.dtype(out.dtype).name}")
     check_shape(name, out, shape)
     return out
 

@@ -92,19 +92,6 @@ def _as_index(name, idx, shape):
     return to_device(host) if _backend.uses_kernels() else host
 
 
-def _check_idx_out(name, out, shape):
-    if _backend.uses_kernels():
-        if not is_device_array(out):
-            raise TypeError(f"{name}: expected a device array on backend {_backend.get_backend()!r}")
-        out = _as_cuda_array(out)
-    elif not isinstance(out, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array on backend 'cpu'")
-    if np.dtype(out.dtype) != INDEX:
-        raise TypeError(f"{name}: expected int32, got {np.dtype(out.dtype).name}")
-    check_shape(name, out, shape)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # cpu
 
@@ -218,7 +205,7 @@ def max_pool2d(x, kernel_size=2, stride=None, padding=0, *, out=None):
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError("out: expected a tuple (y, idx) of a float32 and an int32 array")
         y = check_out("out[0] (y)", out[0], out_shape)
-        idx = _check_idx_out("out[1] (idx)", out[1], out_shape)
+        idx = check_out("out[1] (idx)", out[1], out_shape, dtype=INDEX)
 
     if not _backend.uses_kernels():
         _cpu_forward(x, k, s, p, y, idx)

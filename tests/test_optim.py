@@ -1,11 +1,14 @@
 """Optimizers (gpu_cnn.optim and the kernels of gpu_cnn.kernels.optim) against PyTorch's formulas.
 
-The formulas are written out here in float64 (and, where torch is installed, torch.optim itself is
-compared too). Every variant runs several steps with a different gradient each step, on odd-sized
+The formulas are written out here in float64, and torch.optim's own trajectories are compared too
+(recorded in tests/data/torch_optim.json; re-run live where torch is installed). Every variant runs several steps with a different gradient each step, on odd-sized
 params (7 and 3×5: not multiples of a warp, a block or ELEMS_PER_THREAD), on cpu and on every kernel
 version under the simulator.
 """
+import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,37 +234,63 @@ def test_adamw_class_is_decoupled_adam(backend, rng):
 
 
 # ---------------------------------------------------------------------------------------------------
-# PyTorch itself, where it is installed
+# PyTorch itself: trajectories recorded by tests/data/make_torch_optim.py, re-run where torch is installed
+
+TORCH_RECORD = json.loads((Path(__file__).parent / "data" / "torch_optim.json").read_text())
 
 
-def test_matches_torch_optim(backend, rng):
-    torch = pytest.importorskip("torch")
-    cases = [("sgd", kw) for kw in SGD_VARIANTS.values()] + [("adam", kw) for kw in ADAM_VARIANTS.values()]
-    params, grads = problem(rng)
-    for kind, kw in cases:
-        tps = [torch.tensor(p.astype(np.float64), requires_grad=True) for p in params]
-        if kind == "sgd":
-            topt = torch.optim.SGD(tps, lr=LRS[0], **kw)
-        else:
-            tkw = {k: v for k, v in kw.items() if k != "decoupled"}
-            cls = torch.optim.AdamW if kw.get("decoupled") else torch.optim.Adam
-            topt = cls(tps, lr=LRS[0], **({"weight_decay": 0.0} | tkw))  # AdamW defaults to 1e-2 in torch
+def _case_kwargs(kw):
+    return {k: (tuple(v) if k == "betas" else v) for k, v in kw.items()}
+
+
+def test_matches_recorded_torch_optim(backend):
+    """Every SGD/Adam/AdamW variant, 5 steps with an lr change, against torch.optim's own numbers."""
+    rec = TORCH_RECORD
+    params = [np.asarray(p, np.float32) for p in rec["params"]]
+    grads = [[np.asarray(g, np.float32) for g in gs] for gs in rec["grads"]]
+    assert len(rec["cases"]) == 10
+    for case in rec["cases"]:
+        kind, kw = case["kind"], _case_kwargs(case["kw"])
         ps = [on_backend(p) for p in params]
         gs = [on_backend(np.zeros_like(p)) for p in params]
-        opt = make(kind, list(zip(ps, gs)), LRS[0], None, kw)
-        for step_grads, lr in zip(grads, LRS):
-            for tp, g in zip(tps, step_grads):
-                tp.grad = torch.tensor(g.astype(np.float64))
-            for group in topt.param_groups:
-                group["lr"] = lr
-            topt.step()
-        run_steps(opt, gs, grads, LRS)
-        for j, (tp, p) in enumerate(zip(tps, ps)):
-            np.testing.assert_allclose(host(p), tp.detach().numpy(), rtol=RTOL, atol=ATOL, err_msg=f"{kind} {kw}")
-            tstate = topt.state[tp]
+        opt = make(kind, list(zip(ps, gs)), rec["lrs"][0], None, kw)
+        run_steps(opt, gs, grads, rec["lrs"])
+        assert set(opt.state) == set(case["state"]), (kind, kw)
+        for j, p in enumerate(ps):
+            np.testing.assert_allclose(host(p), case["params"][j], rtol=RTOL, atol=ATOL, err_msg=f"{kind} {kw}")
             for name in opt.state:
-                np.testing.assert_allclose(host(opt.state[name][j]), tstate[name].numpy(), rtol=RTOL, atol=1e-12,
+                np.testing.assert_allclose(host(opt.state[name][j]), case["state"][name][j], rtol=RTOL, atol=1e-12,
                                            err_msg=f"{kind} {kw} {name}")
+
+
+def test_recorded_torch_trajectories_are_torch_and_the_formulas():
+    """The record holds what the formulas above give (so it is not noise), and, where torch is installed,
+    exactly what torch.optim gives now (so it cannot drift from PyTorch)."""
+    rec = TORCH_RECORD
+    params = [np.asarray(p, np.float32) for p in rec["params"]]
+    grads = [[np.asarray(g, np.float32) for g in gs] for gs in rec["grads"]]
+    for case in rec["cases"]:
+        kw = _case_kwargs(case["kw"])
+        for j, p0 in enumerate(params):
+            gj = [gs[j] for gs in grads]
+            if case["kind"] == "sgd":
+                final = sgd_formula(p0, gj, rec["lrs"], **kw)[-1][0]
+            else:
+                final = adam_formula(p0, gj, rec["lrs"], **kw)[-1][0]
+            np.testing.assert_allclose(case["params"][j], final, rtol=1e-12, atol=1e-12, err_msg=str(case["kw"]))
+    try:
+        import torch
+    except ImportError:
+        return  # the formulas above were checked; torch itself is an optional cross-check
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    try:
+        from make_torch_optim import torch_trajectory
+    finally:
+        sys.path.pop(0)
+    for case in rec["cases"]:
+        final, state = torch_trajectory(torch, case["kind"], case["kw"], params, grads, rec["lrs"])
+        np.testing.assert_allclose(np.concatenate([np.ravel(a) for a in final]),
+                                   np.concatenate([np.ravel(a) for a in case["params"]]), rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------------

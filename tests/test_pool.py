@@ -9,7 +9,9 @@ kernel shapes stay at a few hundred elements; larger shapes run on cpu only.
 """
 import numpy as np
 import pytest
+from conftest import KERNEL_BACKEND
 
+import gpu_cnn
 from gpu_cnn.ops import _base
 from gpu_cnn.ops.pool import max_pool2d, max_pool2d_backward
 
@@ -86,9 +88,13 @@ def _host(a):
     return a if isinstance(a, np.ndarray) else a.copy_to_host()
 
 
-def _skip_repeat_on_cpu(backend, version):
-    if backend == "cpu" and version != "gather":
-        pytest.skip("the cpu path has no kernel versions")
+@pytest.fixture(params=[("cpu", None)] + [(KERNEL_BACKEND, v) for v in BACKWARD_VERSIONS],
+                ids=["cpu"] + [f"{KERNEL_BACKEND}-{v}" for v in BACKWARD_VERSIONS])
+def backend_version(request):
+    """(backend, backward version): cpu once (it has no kernel versions), every version on the kernels."""
+    gpu_cnn.set_backend(request.param[0])
+    yield request.param
+    gpu_cnn.set_backend(KERNEL_BACKEND)
 
 
 # --- forward ---------------------------------------------------------------------------------------
@@ -277,10 +283,9 @@ def test_nan_in_a_padded_window(backend, rng):
 # --- backward ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", BACKWARD_VERSIONS)
 @pytest.mark.parametrize("shape,k,s,p", CONFIGS, ids=IDS)
-def test_backward_matches_reference(backend, rng, shape, k, s, p, version):
-    _skip_repeat_on_cpu(backend, version)
+def test_backward_matches_reference(backend_version, rng, shape, k, s, p):
+    backend, version = backend_version
     x = _distinct(rng, shape)
     _, idx = max_pool2d(x, k, s, p)
     dy = rng.standard_normal(idx.shape).astype(np.float32)
@@ -291,10 +296,9 @@ def test_backward_matches_reference(backend, rng, shape, k, s, p, version):
     assert (dx == 0).any() and (dx != 0).any()
 
 
-@pytest.mark.parametrize("version", BACKWARD_VERSIONS)
-def test_backward_writes_dx_in_full(backend, rng, version):
+def test_backward_writes_dx_in_full(backend_version, rng):
     """out starts as NaN: every element must be written, 0 where no window's maximum sits."""
-    _skip_repeat_on_cpu(backend, version)
+    backend, version = backend_version
     shape = (1, 2, 5, 7)
     for k, s, p in [(2, 2, 0), (3, 2, 1)]:
         x = _distinct(rng, shape)
@@ -310,10 +314,9 @@ def test_backward_writes_dx_in_full(backend, rng, version):
 FD_EPS = 1e-6
 
 
-@pytest.mark.parametrize("version", BACKWARD_VERSIONS)
 @pytest.mark.parametrize("k,s,p", [(2, 1, 0), (3, 2, 1), ((2, 3), (2, 1), (1, 1))], ids=["2x2s1", "3x3s2p1", "2x3"])
-def test_backward_matches_finite_differences(backend, rng, k, s, p, version):
-    _skip_repeat_on_cpu(backend, version)
+def test_backward_matches_finite_differences(backend_version, rng, k, s, p):
+    backend, version = backend_version
     shape = (1, 2, 5, 6)
     x = _distinct(rng, shape).astype(np.float64)  # values 1e-2 apart >> eps: no argmax flips
     g = rng.standard_normal(reference(x, k, s, p)[0].shape)  # L = Σ g ⊙ pool(x)

@@ -31,9 +31,9 @@ DEFAULT_VERSION = "fused"
 
 # Threads per block of the row kernel and of the batch-mean kernel. A power of two (tree reduction).
 # Under the simulator every thread of a block is a Python thread and every barrier a rendezvous of all
-# of them, so it runs with a quarter of the block (same code; rows longer than a block still exist
-# in the tests, so the strided loops are exercised either way).
-SM_TPB = 32 if config.ENABLE_CUDASIM else 128
+# of them, so it runs with 8 threads (same code; rows shorter and longer than a block exist in the
+# tests, so the strided loops and the tree are exercised either way).
+SM_TPB = 8 if config.ENABLE_CUDASIM else 128
 assert SM_TPB & (SM_TPB - 1) == 0
 
 NEG_INF = np.float32(-np.inf)
@@ -91,6 +91,13 @@ def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
     if valid:
         for j in range(tid, C, SM_TPB):
             acc += math.exp(logits[row, j] - mx)
+    # the label's logit, read before the barriers of the sum: after them, probs may overwrite the row
+    # (probs may be logits itself)
+    z_label = NAN  # a bad id (validated on the host) still shows up as NaN, never as a stray read
+    if valid and tid == 0:
+        lab = labels[row]
+        if lab >= 0 and lab < C:
+            z_label = logits[row, lab]
     buf[tid] = acc
     block_sum(buf, tid)
     total = buf[0]
@@ -101,11 +108,7 @@ def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
         for j in range(tid, C, SM_TPB):
             probs[row, j] = math.exp(logits[row, j] - mx) * inv
         if tid == 0:
-            lab = labels[row]
-            if lab >= 0 and lab < C:
-                row_loss[row] = math.log(total) - (logits[row, lab] - mx)
-            else:  # validated on the host; a bad id still shows up as NaN, never as a stray read
-                row_loss[row] = NAN
+            row_loss[row] = math.log(total) - (z_label - mx)
 
 
 @kernel("void(float32[::1], float32[::1])")

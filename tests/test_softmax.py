@@ -1,7 +1,7 @@
 """Softmax + cross-entropy (gpu_cnn.ops.softmax) against float64 NumPy and finite differences.
 
 Rows of length 1, 7, 10 and 1000 (shorter than, and several times longer than, the SM_TPB threads of
-a row's block: 128 on a GPU, 32 under the simulator), logits of magnitude 1e4, and every bad label.
+a row's block: 128 on a GPU, 8 under the simulator; the GPU's 128 also run once under the simulator), logits of magnitude 1e4, and every bad label.
 On the kernel backend the simulator costs ~150 µs per thread, so batches stay at a few rows.
 """
 import numpy as np
@@ -210,3 +210,32 @@ def test_backward_in_place_on_cpu(cpu_backend, rng):
     expected = softmax_cross_entropy_backward(probs, labels)
     assert softmax_cross_entropy_backward(probs, labels, out=probs) is probs
     np.testing.assert_array_equal(probs, expected)
+
+
+def test_forward_in_place_on_the_logits(backend, rng):
+    """out=logits: the probabilities overwrite the logits, and the loss still reads the label's logit
+    (labels on column 0, where the row's first thread writes, and elsewhere)."""
+    logits, _ = _problem(rng, 4, 10)
+    labels = np.array([0, 0, 3, 9], np.int32)
+    ref_loss, ref_probs = _reference(logits, labels)
+    z = logits.copy() if backend == "cpu" else _base.to_device(logits)
+    loss, probs = softmax_cross_entropy(z, labels, out=z)
+    assert probs is z
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    host = z if backend == "cpu" else z.copy_to_host()
+    np.testing.assert_allclose(host, ref_probs, rtol=1e-5, atol=1e-7)
+
+
+def test_gpu_block_size_under_the_simulator(kernel_backend, rng, monkeypatch):
+    """The GPU's 128-thread blocks (the suite otherwise runs 8 under the simulator): rows shorter and
+    longer than the block, the same trees."""
+    ks = _ref()
+    monkeypatch.setattr(ks, "SM_TPB", 128)  # the simulator reads module globals when a kernel runs
+    logits, labels = _problem(rng, 2, 300)
+    logits[1, :] = logits[1, :5].repeat(60)  # repeated maxima
+    for c in (5, 300):
+        z, lab = np.ascontiguousarray(logits[:, :c]), labels % c
+        loss, probs = softmax_cross_entropy(z, lab)
+        ref_loss, ref_probs = _reference(z, lab)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-7)

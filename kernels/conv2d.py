@@ -58,8 +58,9 @@ IN_TILE_H = (TILE_H - 1) * MAX_STRIDE + MAX_K  # 37
 IN_TILE_W = (TILE_W - 1) * MAX_STRIDE + MAX_K  # 37
 
 # dW / db: threads of the block that reduces one weight element / one output channel (a power of two
-# for the tree). Under the simulator every thread is a Python thread, so it shrinks to one warp.
-RED_THREADS = 32 if config.ENABLE_CUDASIM else 256
+# for the tree). Under the simulator every thread is a Python thread and every barrier a rendezvous of
+# all of them, so it shrinks to 8 (same code: the strided sums and the tree still run several rounds).
+RED_THREADS = 8 if config.ENABLE_CUDASIM else 256
 assert RED_THREADS & (RED_THREADS - 1) == 0
 
 
@@ -344,6 +345,8 @@ def _check_forward(x, w, b, y, stride, padding):
     check_device_array("y", y, shape=out_shape)
     if b is not None:
         check_device_array("b", b, shape=(out_shape[1],))
+    if 0 in out_shape:  # nothing to compute (and a GPU refuses a grid of 0 blocks)
+        return out_shape, None, 0
     # no bias: a 1-D view of y (no allocation) stands in for it; the kernel never reads it
     bias_arg = b if b is not None else y[0, 0, 0]
     return out_shape, bias_arg, int(b is not None)
@@ -352,6 +355,8 @@ def _check_forward(x, w, b, y, stride, padding):
 def conv2d_forward_naive(x, w, b, y, stride, padding):
     """y = conv(x, w) + b, one thread per output element. b may be None."""
     out_shape, bias_arg, has_bias = _check_forward(x, w, b, y, stride, padding)
+    if bias_arg is None:
+        return y
     blocks, threads = grid_1d(int(np.prod(out_shape)))
     conv2d_forward_naive_kernel[blocks, threads](x, w, bias_arg, y, has_bias, *_params(stride, padding))
     return y
@@ -366,6 +371,8 @@ def conv2d_forward_tiled(x, w, b, y, stride, padding):
     if stride[0] > MAX_STRIDE or stride[1] > MAX_STRIDE:
         raise ValueError(f"stride: the tiled kernel supports strides up to {MAX_STRIDE}, got "
                          f"{tuple(stride)}; use version='naive'")
+    if bias_arg is None:
+        return y
     n, o, ho, wo = out_shape
     blocks = n * o * ceil_div(ho, TILE_H) * ceil_div(wo, TILE_W)
     conv2d_forward_tiled_kernel[blocks, (TILE_W, TILE_H)](x, w, bias_arg, y, has_bias, *_params(stride, padding))
@@ -376,6 +383,8 @@ def conv2d_backward_input_gather(dy, w, dx, stride, padding):
     """dx = gradient wrt x, one thread per input element (no atomics; dx written in full)."""
     out_shape = _out_shape(_check4("dx", dx), _check4("w", w), stride, padding)
     check_device_array("dy", dy, shape=out_shape)
+    if 0 in dx.shape:
+        return dx
     blocks, threads = grid_1d(int(np.prod(dx.shape)))
     conv2d_backward_input_kernel[blocks, threads](dy, w, dx, *_params(stride, padding))
     return dx
@@ -385,6 +394,8 @@ def conv2d_backward_weight_blocks(dy, x, dw, stride, padding):
     """dw = gradient wrt w, one block per weight element with a shared-memory reduction."""
     out_shape = _out_shape(_check4("x", x), _check4("dw", dw), stride, padding)
     check_device_array("dy", dy, shape=out_shape)
+    if 0 in dw.shape:
+        return dw
     conv2d_backward_weight_kernel[int(np.prod(dw.shape)), RED_THREADS](dy, x, dw, *_params(stride, padding))
     return dw
 
@@ -393,6 +404,8 @@ def conv2d_backward_bias_blocks(dy, db):
     """db = Σ dy over (N, Ho, Wo), one block per output channel with a shared-memory reduction."""
     shape = _check4("dy", dy)
     check_device_array("db", db, shape=(shape[1],))
+    if shape[1] == 0:
+        return db
     conv2d_backward_bias_kernel[shape[1], RED_THREADS](dy, db)
     return db
 

@@ -58,6 +58,9 @@ RT_SB_SIZE = RT_BK * RT_LDB
 assert RT_BM * RT_BK % RT_THREADS == 0 and RT_BN * RT_BK % RT_THREADS == 0
 assert RT_THREADS % RT_BM == 0 and RT_THREADS % RT_BN == 0 and RT_THREADS % RT_BK == 0
 
+# Largest grid.y of a launch (CUDA's limit; grid.x allows 2^31 - 1). The GEMMs put the rows of C there.
+MAX_GRID_Y = 65535
+
 # bias_grad: a block of DB_COLS x DB_ROWS threads sums DB_COLS columns; each thread row takes every
 # DB_ROWS-th row of dy, then the DB_ROWS partial sums are added in shared memory (no atomics).
 DB_COLS = 32
@@ -328,6 +331,9 @@ def _launch(kern, block_m, block_n, threads, a, b, c, trans_a, trans_b, alpha, b
         return c
     bias_arg, has_bias, alpha, beta = _scalars(alpha, beta, bias, c)
     blocks = (ceil_div(N, block_n), ceil_div(M, block_m))
+    if blocks[1] > MAX_GRID_Y:  # rows of c run along grid.y, which a GPU caps
+        raise ValueError(f"c: {M} rows need {blocks[1]} row blocks of {block_m}; a GPU allows at most "
+                         f"{MAX_GRID_Y} (split the product into row chunks)")
     kern[blocks, threads](a, b, c, bias_arg, int(bool(trans_a)), int(bool(trans_b)), has_bias, alpha, beta)
     return c
 

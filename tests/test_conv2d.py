@@ -7,8 +7,6 @@ reduction block, with stride 2, padding 1-2, asymmetric stride/padding, rectangu
 and a plane larger than one tile (several partial tiles). The cpu path runs the same cases and larger
 ones. The simulator costs ~150 µs per thread, so the kernel-backend shapes stay tiny.
 """
-import sys
-
 import numpy as np
 import pytest
 
@@ -21,18 +19,6 @@ def _k():
     from gpu_cnn.kernels import conv2d as kconv  # after the backend is chosen (numba.cuda fixes the simulator)
 
     return kconv
-
-
-@pytest.fixture(autouse=True)
-def _fast_simulator_barriers():
-    """The simulator runs each CUDA thread of a block as a Python thread; at every syncthreads the
-    waiting threads hand over the GIL only at the interpreter's switch interval (5 ms). The block
-    reductions (dW, db) hit a barrier per tree level, and this shorter interval makes them ~6x faster.
-    Speed only: results do not depend on it."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 # (N, C_in, H, W, C_out, (kH, kW), stride, padding, bias)
@@ -173,6 +159,37 @@ def test_backward_kernels_match_reference(kernel_backend, rng, grad, case):
         k.conv2d_backward_bias(dyd, got)
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(got.copy_to_host(), ref, **BWD_TOL)
+
+
+def test_reductions_with_the_gpu_block_size(kernel_backend, rng, monkeypatch):
+    """dW and db with the GPU's 256-thread trees (the suite otherwise runs 8 under the simulator)."""
+    k = _k()
+    monkeypatch.setattr(k, "RED_THREADS", 256)  # the simulator reads module globals when a kernel runs
+    x, w, b, s, p, dy = _problem(rng, (3, 1, 9, 11, 1, (2, 2), (1, 1), (0, 0), True))  # N*Ho*Wo = 240
+    _, rdw, rdb = _reference()[1](dy, x, w, s, p)
+    dw = _base.to_device(np.full(rdw.shape, np.nan, np.float32))
+    db = _base.to_device(np.full(rdb.shape, np.nan, np.float32))
+    k.conv2d_backward_weight(_base.to_device(dy), _base.to_device(x), dw, s, p)
+    k.conv2d_backward_bias(_base.to_device(dy), db)
+    np.testing.assert_allclose(dw.copy_to_host(), rdw, **BWD_TOL)
+    np.testing.assert_allclose(db.copy_to_host(), rdb, **BWD_TOL)
+
+
+def test_empty_batch_launches_nothing_and_gives_zero_gradients(kernel_backend, rng):
+    """N = 0: no output to compute (a GPU refuses a grid of 0 blocks), dW and db are sums over nothing."""
+    k = _k()
+    x = _base.to_device(np.zeros((0, 2, 5, 5), np.float32))
+    w = _base.to_device(rng.standard_normal((3, 2, 3, 3)).astype(np.float32))
+    y = _base.to_device(np.zeros((0, 3, 5, 5), np.float32))
+    for version in k.VERSIONS:
+        assert k.conv2d_forward(x, w, None, y, (1, 1), (1, 1), version=version) is y
+    dx = _base.to_device(np.zeros((0, 2, 5, 5), np.float32))
+    assert k.conv2d_backward_input(y, w, dx, (1, 1), (1, 1)) is dx
+    dw = _base.to_device(np.full((3, 2, 3, 3), np.nan, np.float32))
+    db = _base.to_device(np.full((3,), np.nan, np.float32))
+    k.conv2d_backward_weight(y, x, dw, (1, 1), (1, 1))
+    k.conv2d_backward_bias(y, db)
+    assert not dw.copy_to_host().any() and not db.copy_to_host().any()
 
 
 @pytest.mark.parametrize("need_dx,bias", [(True, True), (False, True), (True, False)])

@@ -116,6 +116,21 @@ def test_gemm_launcher_rejects_bad_arguments(kernel_backend, rng):
         gemm.gemm(a, _base.to_device(_f32(rng, 3, 2)), c, version="cublas")
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gemm_refuses_more_row_blocks_than_a_gpu_grid_holds(kernel_backend, rng, monkeypatch, version):
+    """Rows of c run along grid.y (at most 65535 blocks on a GPU; the simulator has no such limit)."""
+    gemm = _gemm()
+    monkeypatch.setattr(gemm, "MAX_GRID_Y", 1)
+    rows = (gemm.RT_BM if version == "register_tiled" else gemm.TILE) + 1  # two row blocks
+    a, b = _base.to_device(_f32(rng, rows, 3)), _base.to_device(_f32(rng, 3, 2))
+    c = _base.to_device(np.full((rows, 2), np.nan, np.float32))
+    with pytest.raises(ValueError, match=f"c: {rows} rows need 2 row blocks.*at most 1"):
+        gemm.gemm(a, b, c, version=version)
+    monkeypatch.setattr(gemm, "MAX_GRID_Y", 2)  # exactly at the limit: runs
+    gemm.gemm(a, b, c, version=version)
+    np.testing.assert_allclose(c.copy_to_host(), a.copy_to_host() @ b.copy_to_host(), rtol=1e-5, atol=1e-6)
+
+
 # --- the dense layer ---------------------------------------------------------------------------------
 
 

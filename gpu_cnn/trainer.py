@@ -12,6 +12,7 @@ import numpy as np
 from . import backend as _backend
 from . import functional as F
 from .memory import HostStaging, Workspace
+from .ops import _base
 
 
 class TrainingError(RuntimeError):
@@ -74,24 +75,47 @@ class Trainer:
         self.history = []
 
     # -- one batch
-    def _loss(self, logits, labels_host):
-        n = labels_host.shape[0]
-        labels = self.staging.to_backend("labels", labels_host.astype(np.int32, copy=False), np.int32)
+    def _images(self, x):
+        """The model's input: a device batch is used where it lies, a host batch is staged."""
+        if _base.is_device_array(x):
+            if not _backend.uses_kernels():
+                raise TypeError("x: a device array needs the cuda (or sim) backend; on cpu pass a NumPy array")
+            return x  # the first layer validates dtype, layout and shape
+        return self.staging.to_backend("x", x)
+
+    def _labels(self, y):
+        """(labels on the backend as int32, labels on the host) from host ints or a device int32 array."""
+        if _base.is_device_array(y):
+            if not _backend.uses_kernels():
+                raise TypeError("y: a device array needs the cuda (or sim) backend; on cpu pass a NumPy array")
+            if np.dtype(y.dtype) != np.int32 or len(y.shape) != 1:
+                raise TypeError(f"y: a device label array must be 1-D int32, got {np.dtype(y.dtype).name} "
+                                f"of shape {tuple(y.shape)}")
+            return _base._as_cuda_array(y), _host(y)  # host labels: 4 bytes an image, for the accuracy
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+            raise TypeError(f"y: expected 1-D integer class ids, got {y.dtype.name} of shape {y.shape}")
+        return self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32), y
+
+    def _loss(self, logits, y):
+        labels, y_host = self._labels(y)
         probs = self.ws.get("probs", logits.shape)
         loss, probs = F.softmax_cross_entropy(logits, labels, out=probs)
-        return float(loss), probs, labels, n
+        return float(loss), probs, labels, y_host
 
     def train_step(self, x, y):
-        """One SGD step on a host batch. Returns (loss, number correct)."""
-        logits = self.model.forward(self.staging.to_backend("x", x))
-        loss, probs, labels, n = self._loss(logits, y)
+        """One step on a batch: images x (N, C, H, W) float32 and class ids y (N,), each on the host
+        (staged through pinned buffers) or already on the device (used in place; y then int32).
+        Returns (loss, number correct)."""
+        logits = self.model.forward(self._images(x))
+        loss, probs, labels, y_host = self._loss(logits, y)
         if not math.isfinite(loss):
             return loss, 0
         dlogits = self.ws.get("dlogits", logits.shape)
         F.softmax_cross_entropy_backward(probs, labels, out=dlogits)
         self.model.backward(dlogits)
         self.optimizer.step()
-        return loss, int((_host(probs).argmax(axis=1) == y).sum())
+        return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
     # -- loops
     def fit(self, train_data, epochs=1, val_data=None):
@@ -140,7 +164,7 @@ class Trainer:
         total, correct = 0.0, 0
         for start in range(0, len(y), self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
-            logits = self.model.forward(self.staging.to_backend("x", xb))
+            logits = self.model.forward(self._images(xb))
             loss, probs, _, _ = self._loss(logits, yb)
             total += loss * len(yb)
             correct += int((_host(probs).argmax(axis=1) == yb).sum())

@@ -78,3 +78,49 @@ def test_bad_arguments_are_clear_errors(cpu_backend):
         t.fit((np.zeros((2, 1, 8, 8), np.float32), np.zeros(2)))
     with pytest.raises(ValueError, match="epochs"):
         t.fit((np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, int)), epochs=0)
+
+
+def _tiny_model():
+    from gpu_cnn import nn
+
+    nn.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(2 * 4 * 4, 10))
+
+
+def test_device_batches_train_exactly_as_host_batches(kernel_backend, rng):
+    """Images and labels already on the device are used in place and give the same steps as host ones."""
+    from numba import cuda
+
+    x = rng.standard_normal((1, 2, 1, 8, 8)).astype(np.float32)  # one step: forward, backward, update
+    y = rng.integers(0, 10, (1, 2))
+    results = []
+    for on_device in (False, True):
+        model = _tiny_model()
+        trainer = Trainer(model, optimizer="sgd", lr=0.1, batch_size=2, progress=False)
+        steps = []
+        for xb, yb in zip(x, y):
+            if on_device:
+                xb, yb = cuda.to_device(xb), cuda.to_device(yb.astype(np.int32))
+            steps.append(trainer.train_step(xb, yb))
+        results.append((steps, model.state_dict()))
+    (host_steps, host_state), (dev_steps, dev_state) = results
+    assert dev_steps == host_steps
+    assert all(np.isfinite(loss) and 0 <= ok <= 2 for loss, ok in dev_steps)
+    for k, v in host_state.items():
+        np.testing.assert_array_equal(dev_state[k], v)
+
+
+def test_device_batch_errors_are_clear(kernel_backend, rng):
+    from numba import cuda
+
+    trainer = Trainer(_tiny_model(), optimizer="sgd", lr=0.1, batch_size=2, progress=False)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match="y: a device label array must be 1-D int32"):
+        trainer.train_step(x, cuda.to_device(np.array([1, 2], np.int64)))
+    with pytest.raises(TypeError, match="y: expected 1-D integer class ids"):
+        trainer.train_step(x, np.array([1.0, 2.0]))
+    gpu_cnn.set_backend("cpu")
+    cpu_trainer = Trainer(_tiny_model(), optimizer="sgd", lr=0.1, batch_size=2, progress=False)
+    with pytest.raises(TypeError, match="x: a device array needs the cuda"):
+        cpu_trainer.train_step(cuda.to_device(x), np.array([1, 2]))

@@ -8,9 +8,9 @@
 
 What is measured, per batch size:
 
-* gpu_cnn: ``Trainer(lenet5(10), "sgd", lr, batch_size, momentum 0.9).train_step(x, y)`` on host NumPy
-  batches -- the public API; on cuda it stages each batch through a pinned buffer into a planned device
-  buffer (one 401 KB copy at batch 128) and returns the loss and the number correct as Python numbers.
+* gpu_cnn: ``Trainer(lenet5(10), "sgd", lr, batch_size, momentum 0.9).train_step(x, y)`` -- the public
+  API -- on batches already on the device (numba device arrays; NumPy on cpu); it returns the loss and
+  the number correct as Python numbers.
 * PyTorch: the same Sequential, the same initial weights, ``torch.optim.SGD(lr, momentum=0.9)``, the
   data already on the device; each step ends with ``loss.item()`` and the number correct ``.item()``,
   as train_step returns them (both sides synchronise with the device once per step).
@@ -83,6 +83,16 @@ class Ours:
         self.trainer = Trainer(self.model, optimizer="sgd", lr=LR, batch_size=batch, seed=seed,
                                momentum=MOMENTUM, progress=False)
 
+    def to_device(self, xs, ys):
+        """The batches where the model runs: device arrays on cuda (labels int32), NumPy on cpu."""
+        import gpu_cnn
+
+        if gpu_cnn.get_backend() == "cpu":
+            return xs, ys
+        from numba import cuda
+
+        return [cuda.to_device(x) for x in xs], [cuda.to_device(y.astype(np.int32)) for y in ys]
+
     def step(self, x, y):
         return self.trainer.train_step(x, y)
 
@@ -130,6 +140,7 @@ class Torch:
 def check(ours, torch_side, xs, ys, spec):
     """First-step loss vs float64; second-step loss vs PyTorch. Returns a dict; raises on a mismatch."""
     ref = C.sequential_loss_ref(spec, ours.state0, xs[0], ys[0])
+    xs, ys = ours.to_device(xs[:2], ys[:2])  # as timed: the batches already where the model runs
     loss1, _ = ours.step(xs[0], ys[0])
     res = {"loss_step1": loss1, "loss_step1_ref64": ref, "loss_step1_relerr": abs(loss1 - ref) / max(1e-12, abs(ref))}
     if not res["loss_step1_relerr"] <= LOSS_RTOL:
@@ -215,7 +226,7 @@ def main(argv=None):
     record["model"] = "lenet5 (gpu_cnn.models.lenet5 / the same torch.nn.Sequential)"
     record["optimizer"] = {"name": "sgd", "lr": LR, "momentum": MOMENTUM}
     record["data"] = {"image": list(IMAGE), "classes": CLASSES, "distinct_batches": args.batches,
-                      "gpu_cnn_input": "host NumPy batches through Trainer.train_step (staged to the device on cuda)",
+                      "gpu_cnn_input": f"arrays already on {tdev} through Trainer.train_step",
                       "torch_input": f"tensors already on {tdev}"}
     record["threads"] = {"cpu_count": os.cpu_count(), "blas": C.blas_threads(),
                          "torch": T.get_num_threads() if T is not None else None,
@@ -245,7 +256,7 @@ def main(argv=None):
             print(f"batch {batch}: CHECK FAILED, not timed: {exc}")
             rows.append({"batch": batch, "impl": "gpu_cnn", "error": str(exc)})
             continue
-        sides = {"gpu_cnn": (ours, xs, ys)}
+        sides = {"gpu_cnn": (ours, *ours.to_device(xs, ys))}
         if ts is not None:
             sides["torch"] = (ts, *ts.dev_batches)
         for name, (side, bx, by) in sides.items():  # warm-up (compiles the kernels, cuDNN autotuning)
@@ -294,9 +305,9 @@ def write_outputs(out_dir, record, rows, info, backend):
              "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "  ",
              f"Threads: {th['cpu_count']} logical cores; torch {th['torch']} (interop {th['torch_interop']}); "
              f"NumPy BLAS {th['blas']}  ",
-             f"SGD lr {LR}, momentum {MOMENTUM}; random MNIST-shaped data; gpu_cnn through Trainer.train_step on host "
-             f"batches, PyTorch eager on tensors already on {'the GPU' if backend == 'cuda' else 'the host'}; both return "
-             "loss and accuracy to the host each step.  ",
+             f"SGD lr {LR}, momentum {MOMENTUM}; random MNIST-shaped data already on "
+             f"{'the GPU' if backend == 'cuda' else 'the host'}; gpu_cnn through Trainer.train_step, PyTorch eager; "
+             "both return loss and accuracy to the host each step.  ",
              "ms/step: median over the timed windows; ratio = gpu_cnn images/s ÷ PyTorch images/s.", ""]
     body = [[r["batch"], r["impl"], r.get("warmup_steps", "—"), f"{r.get('windows', '—')} × {r.get('steps_per_window', '—')}",
              C.fmt(r.get("ms_per_step"), ".3f"),

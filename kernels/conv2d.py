@@ -252,18 +252,14 @@ def conv2d_backward_weight_kernel(dy, x, dw, sh, sw, ph, pw):
     blk = cuda.blockIdx.x
     o, c, i, j = unravel4(blk, C, KH, KW)
     valid = blk < O * C * KH * KW  # uniform over the block: every thread still reaches the barriers
-    plane = Ho * Wo
-    total = N * plane
+    total = N * Ho * Wo
 
     acc = float32(0.0)
     if valid:
         for e0 in range(0, total, RED_THREADS):
             e = e0 + tid
             if e < total:
-                n = e // plane
-                q = e - n * plane
-                ho = q // Wo
-                wo = q - ho * Wo
+                n, _, ho, wo = unravel4(e, 1, Ho, Wo)
                 hi = ho * sh - ph + i
                 wi = wo * sw - pw + j
                 if hi >= 0 and hi < H and wi >= 0 and wi < W:
@@ -283,18 +279,15 @@ def conv2d_backward_bias_kernel(dy, db):
     tid = cuda.threadIdx.x
     o = cuda.blockIdx.x
     valid = o < O
-    plane = Ho * Wo
-    total = N * plane
+    total = N * Ho * Wo
 
     acc = float32(0.0)
     if valid:
         for e0 in range(0, total, RED_THREADS):
             e = e0 + tid
             if e < total:
-                n = e // plane
-                q = e - n * plane
-                ho = q // Wo
-                acc += dy[n, o, ho, q - ho * Wo]
+                n, _, ho, wo = unravel4(e, 1, Ho, Wo)
+                acc += dy[n, o, ho, wo]
     part[tid] = acc
     block_sum(part, tid)
     if valid and tid == 0:

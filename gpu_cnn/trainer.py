@@ -4,6 +4,8 @@ Every buffer a step needs is planned on the first batch (the layers' workspaces,
 staging, the loss buffers, the optimizer state), so later steps allocate no device memory.
 """
 import math
+import numbers
+import os
 import sys
 import time
 
@@ -20,7 +22,8 @@ class TrainingError(RuntimeError):
 
 
 def _arrays(data, name):
-    """(images float32 NCHW, labels int) from a gpu_cnn.data.Dataset or an (images, labels) pair."""
+    """(images float NCHW, labels int) from a gpu_cnn.data.Dataset or an (images, labels) pair, checked:
+    a 4-D batch of finite floats, 1-D integer labels, one label an image."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         x, y = data.images, data.labels
     elif isinstance(data, (tuple, list)) and len(data) == 2:
@@ -30,13 +33,26 @@ def _arrays(data, name):
     x, y = np.asarray(x), np.asarray(y)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name}: images must be floating point, got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: images must be a 4-D batch (N, C, H, W), got shape {x.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"{name}: labels must be integer class ids, got {y.dtype}")
+    if y.ndim != 1:
+        raise ValueError(f"{name}: labels must be 1-D (N,), got shape {y.shape}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{name}: {x.shape[0]} images but {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise ValueError(f"{name}: no samples")
+    if not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+        raise ValueError(f"{name}: {bad} image(s) hold NaN or infinite values")
     return x, y
+
+
+def _int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return int(value)
 
 
 class Trainer:
@@ -50,16 +66,26 @@ class Trainer:
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None):
-        from .optim import make_optimizer
+        from .nn import Module
+        from .optim import OPTIMIZERS, make_optimizer
 
-        if not (isinstance(batch_size, int) and batch_size > 0):
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr: expected a positive number, got {lr!r}")
-        if not 0.0 <= val_split < 1.0:
+        if not isinstance(model, Module):
+            raise TypeError(f"model: expected a gpu_cnn.nn model (Sequential), got {type(model).__name__}")
+        if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        optimizer = optimizer.lower()
+        batch_size = _int("batch_size", batch_size, 1)
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
+        if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split: expected a fraction in [0, 1), got {val_split!r}")
+        seed = None if seed is None else _int("seed", seed, 0)
+        if checkpoint_path is not None:
+            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint_path)))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"checkpoint_path: {folder} is not a writable folder")
         self.model, self.batch_size, self.seed = model, batch_size, seed
-        self.val_split = val_split
+        self.val_split = float(val_split)
         self.progress = progress
         self.checkpoint_path = checkpoint_path
         self.metadata = dict(metadata or {})
@@ -67,8 +93,9 @@ class Trainer:
         if optimizer == "sgd":
             kw["momentum"] = momentum
         pairs = [(p.data, p.grad) for p in model.parameters()]
-        self.optimizer = make_optimizer(optimizer, pairs, lr, **kw)
+        self.optimizer = make_optimizer(optimizer, pairs, float(lr), **kw)
         self.optimizer_name = optimizer
+        self._saved = False  # whether a checkpoint was written by this trainer
         self.ws = Workspace("loss")
         self.staging = HostStaging()
         self.rng = np.random.default_rng(seed)
@@ -117,50 +144,86 @@ class Trainer:
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
+    # -- checks made before the first step, so that bad data never leaves a half-trained model
+    def _check_fits_model(self, name, x, y):
+        """The images fit the model's input and the labels its output classes."""
+        try:
+            out = self.model.output_shape(x.shape[1:])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: images of shape {x.shape[1:]} do not fit the model: {exc}") from None
+        classes = int(np.prod(out))
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{name}: class ids must be in [0, {classes}) (the model's outputs), found {lo if lo < 0 else hi}")
+
+    def _snapshot(self):
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _restore(self, snapshot):
+        model_state, optimizer_state = snapshot
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+
     # -- loops
     def fit(self, train_data, epochs=1, val_data=None):
-        """Train for `epochs`; returns the history, a list of per-epoch metric dicts."""
-        if not (isinstance(epochs, int) and epochs > 0):
-            raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+        """Train for `epochs`; returns the history, a list of per-epoch metric dicts.
+
+        Everything is checked before the first step. If an epoch fails (a NaN loss, an interrupt, any
+        error), the model and the optimizer are restored to where they were before that epoch."""
+        epochs = _int("epochs", epochs, 1)
         x, y = _arrays(train_data, "train_data")
         if val_data is None and self.val_split > 0:
-            order = np.random.default_rng(self.seed).permutation(len(y))
             n_val = max(1, int(round(len(y) * self.val_split)))
+            if n_val >= len(y):
+                raise ValueError(f"val_split: {self.val_split} of {len(y)} samples leaves no training data")
+            order = np.random.default_rng(self.seed).permutation(len(y))
             val_data = (x[order[:n_val]], y[order[:n_val]])
             x, y = x[order[n_val:]], y[order[n_val:]]
-        good_state = self.model.state_dict()
+        self._check_fits_model("train_data", x, y)
+        if val_data is not None:
+            vx, vy = _arrays(val_data, "val_data")
+            self._check_fits_model("val_data", vx, vy)
+            val_data = (vx, vy)
+        good = self._snapshot()
         for _ in range(epochs):
             epoch = len(self.history) + 1
             t0 = time.perf_counter()
             order = self.rng.permutation(len(y))
             total_loss, correct, seen = 0.0, 0, 0
             bar = self._bar(len(y), f"epoch {epoch}")
-            for start in range(0, len(y), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                loss, ok = self.train_step(x[idx], y[idx])
-                if not math.isfinite(loss):
-                    bar.close()
-                    self._fail(epoch, start // self.batch_size + 1, loss, good_state)
-                total_loss += loss * len(idx)
-                correct += ok
-                seen += len(idx)
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-            bar.close()
-            row = {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
-                   "seconds": time.perf_counter() - t0}
-            if val_data is not None:
-                m = self.evaluate(val_data)
-                row.update(val_loss=m["loss"], val_acc=m["accuracy"])
+            try:
+                for start in range(0, len(y), self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    loss, ok = self.train_step(x[idx], y[idx])
+                    if not math.isfinite(loss):
+                        self._fail(epoch, start // self.batch_size + 1, loss, good)
+                    total_loss += loss * len(idx)
+                    correct += ok
+                    seen += len(idx)
+                    bar.update(len(idx))
+                    bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                row = {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
+                       "seconds": time.perf_counter() - t0}
+                if val_data is not None:
+                    m = self.evaluate(val_data)
+                    row.update(val_loss=m["loss"], val_acc=m["accuracy"])
+                if self.checkpoint_path:
+                    self._save(row)
+            except TrainingError:
+                raise
+            except BaseException:  # an error or an interrupt mid-epoch: back to the last whole epoch
+                self._restore(good)
+                raise
+            finally:
+                bar.close()
             self.history.append(row)
-            good_state = self.model.state_dict()
-            if self.checkpoint_path:
-                self._save(row)
+            good = self._snapshot()
         return self.history
 
     def evaluate(self, data):
         """{"loss", "accuracy", "n"} over `data`, in batches of the training batch size."""
         x, y = _arrays(data, "data")
+        self._check_fits_model("data", x, y)
         total, correct = 0.0, 0
         for start in range(0, len(y), self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
@@ -171,8 +234,15 @@ class Trainer:
         return {"loss": total / len(y), "accuracy": correct / len(y), "n": int(len(y))}
 
     def predict(self, x):
-        """Class probabilities (host, float32) for a batch of images."""
-        x = np.asarray(x, dtype=np.float32)
+        """Class probabilities (host, float32) for a batch of images (N, C, H, W)."""
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"x: images must be floating point, got {x.dtype}")
+        if x.ndim != 4:
+            raise ValueError(f"x: expected a 4-D batch (N, C, H, W) (one image: x[None]), got shape {x.shape}")
+        x = x.astype(np.float32, copy=False)
+        if x.shape[0] == 0:
+            return np.zeros((0, int(np.prod(self.model.output_shape(x.shape[1:])))), np.float32)
         out = []
         for start in range(0, x.shape[0], self.batch_size):
             logits = _host(self.model.forward(self.staging.to_backend("x", x[start:start + self.batch_size])))
@@ -191,13 +261,15 @@ class Trainer:
 
         meta = dict(self.metadata, epoch=row["epoch"], metrics=row, backend=_backend.get_backend())
         save(self.model, self.checkpoint_path, metadata=meta)
+        self._saved = True
 
-    def _fail(self, epoch, step, loss, good_state):
-        self.model.load_state_dict(good_state)
-        where = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+    def _fail(self, epoch, step, loss, good):
+        self._restore(good)
+        where = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self._saved else ""
         raise TrainingError(
-            f"loss became {loss} at epoch {epoch}, step {step}: training stopped and the model was restored "
-            f"to its weights before epoch {epoch}{where}. Try a lower learning rate (lr={self.optimizer.lr})."
+            f"loss became {loss} at epoch {epoch}, step {step}: training stopped and the model and the optimizer "
+            f"were restored to where they were before epoch {epoch}{where}. Try a lower learning rate "
+            f"(lr={self.optimizer.lr}): set trainer.optimizer.lr and call fit again."
         )
 
 

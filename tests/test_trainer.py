@@ -48,17 +48,17 @@ def test_training_learns_digits_and_reports_history(cpu_backend, digits):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(cpu_backend, tmp_path, digits):
     train, _ = digits
-    good = (train.images[:64], train.labels[:64])
+    good = (train.images[:160], train.labels[:160])  # 5 steps an epoch
     ckpt = tmp_path / "model.npz"
     model = models.digits_cnn(seed=0)
     trainer = Trainer(model, optimizer="sgd", lr=0.01, batch_size=32, progress=False, checkpoint_path=str(ckpt))
     trainer.fit(good, epochs=1)
     saved = gpu_cnn.load(ckpt).state_dict()
     before = model.state_dict()
-    bad_x = good[0].copy()
-    bad_x[40] = np.nan  # poisons the second batch
-    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2.*last good checkpoint is kept at"):
-        trainer.fit((bad_x, good[1]), epochs=1)
+    trainer.optimizer.lr = 1e9  # diverges within the epoch (NaN images are refused before any step)
+    with np.errstate(all="ignore"), pytest.raises(
+            TrainingError, match=r"loss became (nan|inf) at epoch 2, step [2-9].*last good checkpoint is kept at"):
+        trainer.fit(good, epochs=1)
     after = model.state_dict()
     for k in before:
         np.testing.assert_array_equal(after[k], before[k])  # restored to the last good weights
@@ -78,6 +78,117 @@ def test_bad_arguments_are_clear_errors(cpu_backend):
         t.fit((np.zeros((2, 1, 8, 8), np.float32), np.zeros(2)))
     with pytest.raises(ValueError, match="epochs"):
         t.fit((np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, int)), epochs=0)
+
+
+def _small(digits, n=64):
+    train, _ = digits
+    return train.images[:n], train.labels[:n]
+
+
+def test_retry_after_divergence_restores_the_optimizer_too(cpu_backend, digits):
+    """A NaN loss restores the model AND the optimizer state, so lowering lr and fitting again works."""
+    x, y = _small(digits)
+    trainer = Trainer(models.digits_cnn(seed=0), optimizer="sgd", lr=0.01, batch_size=16, progress=False)
+    trainer.fit((x, y), epochs=1)
+    momentum = [b.copy() for b in trainer.optimizer.state_dict()["momentum_buffer"]]
+    steps = trainer.optimizer.step_count
+    weights = trainer.model.state_dict()
+    trainer.optimizer.lr = 1e6
+    with np.errstate(all="ignore"), pytest.raises(TrainingError, match="model and the optimizer were restored"):
+        trainer.fit((x, y), epochs=1)
+    assert trainer.optimizer.step_count == steps
+    for a, b in zip(trainer.optimizer.state_dict()["momentum_buffer"], momentum):
+        np.testing.assert_array_equal(a, b)
+    for k, v in weights.items():
+        np.testing.assert_array_equal(trainer.model.state_dict()[k], v)
+    trainer.optimizer.lr = 0.01
+    history = trainer.fit((x, y), epochs=1)  # as the message suggests
+    assert np.isfinite(history[-1]["train_loss"]) and len(history) == 2
+
+
+def test_bad_data_is_refused_before_the_first_step(cpu_backend, digits, tmp_path):
+    x, y = _small(digits)
+    model = models.digits_cnn(seed=0)
+    before = model.state_dict()
+    trainer = Trainer(model, lr=0.1, batch_size=4, progress=False)
+    bad = y.copy()
+    bad[-1] = 12  # found only in the last batch if checked per batch
+    with pytest.raises(ValueError, match=r"train_data: class ids must be in \[0, 10\).*found 12"):
+        trainer.fit((x, bad))
+    with pytest.raises(ValueError, match=r"val_data: images must be a 4-D batch"):
+        trainer.fit((x, y), val_data=(x[:, 0], y))
+    with pytest.raises(ValueError, match=r"train_data: images of shape \(1, 6, 6\) do not fit the model"):
+        trainer.fit((x[:, :, :6, :6].copy(), y))
+    nan = x.copy()
+    nan[5, 0, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="train_data: 1 image.*NaN or infinite"):
+        trainer.fit((nan, y))
+    with pytest.raises(ValueError, match="train_data: labels must be 1-D"):
+        trainer.fit((x, y[:, None]))
+    with pytest.raises(ValueError, match="val_split: 0.5 of 1 samples leaves no training data"):
+        Trainer(model, val_split=0.5, progress=False).fit((x[:1], y[:1]))
+    with pytest.raises(ValueError, match="checkpoint_path: .* is not a writable folder"):
+        Trainer(model, checkpoint_path=str(tmp_path / "missing" / "model.npz"))
+    assert trainer.history == [] and trainer.optimizer.step_count == 0
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)  # not one step was taken
+
+
+def test_error_mid_epoch_restores_the_model(cpu_backend, digits, monkeypatch):
+    x, y = _small(digits)
+    model = models.digits_cnn(seed=0)
+    trainer = Trainer(model, lr=0.1, batch_size=16, progress=False)
+    before = model.state_dict()
+    real_step, calls = trainer.train_step, []
+
+    def failing_step(xb, yb):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(xb, yb)
+
+    monkeypatch.setattr(trainer, "train_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit((x, y), epochs=1)
+    assert trainer.optimizer.step_count == 0 and trainer.history == []
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+
+
+def test_divergence_in_the_first_epoch_names_no_checkpoint(cpu_backend, digits, tmp_path):
+    x, y = _small(digits)
+    ckpt = tmp_path / "model.npz"
+    trainer = Trainer(models.digits_cnn(seed=0), lr=1e6, batch_size=16, progress=False, checkpoint_path=str(ckpt))
+    with np.errstate(all="ignore"), pytest.raises(TrainingError) as info:
+        trainer.fit((x, y), epochs=1)
+    assert "checkpoint" not in str(info.value) and not ckpt.exists()
+
+
+def test_argument_types(cpu_backend, digits):
+    model = models.digits_cnn(seed=0)
+    assert Trainer(model, optimizer="SGD", progress=False).optimizer.momentum == 0.9  # any case, same optimizer
+    t = Trainer(model, batch_size=np.int64(8), lr=np.float32(0.01), seed=np.int64(2), progress=False)
+    assert t.batch_size == 8 and isinstance(t.batch_size, int)
+    for kw, match in [({"batch_size": True}, "batch_size"), ({"lr": float("nan")}, "lr"),
+                      ({"val_split": "0.1"}, "val_split"), ({"seed": -1}, "seed"), ({"optimizer": "rmsprop"}, "optimizer")]:
+        with pytest.raises(ValueError, match=match):
+            Trainer(model, **kw)
+    with pytest.raises(TypeError, match="model: expected a gpu_cnn.nn model"):
+        Trainer(None)
+    with pytest.raises(ValueError, match="epochs"):
+        t.fit(_small(digits, 8), epochs=True)
+
+
+def test_predict_shapes(cpu_backend, digits):
+    x, _ = _small(digits, 4)
+    t = Trainer(models.digits_cnn(seed=0), progress=False)
+    assert t.predict(x[:0]).shape == (0, 10)
+    p = t.predict(x)
+    np.testing.assert_allclose(t.predict(x[1][None])[0], p[1], rtol=1e-5, atol=1e-8)  # batch-1 BLAS rounding
+    with pytest.raises(ValueError, match=r"x: expected a 4-D batch.*x\[None\]"):
+        t.predict(x[1])
+    with pytest.raises(TypeError, match="x: images must be floating point"):
+        t.predict(x.astype(int))
 
 
 def _tiny_model():

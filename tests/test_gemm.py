@@ -299,6 +299,18 @@ def test_linear_backward_rejects_bad_input(backend, rng):
         linear_backward(dy, x, w, out=(None, _base.empty((6, 3)), None))
 
 
-def test_unknown_version_is_rejected(kernel_backend, rng):
+def test_unknown_version_is_rejected(backend, rng):
+    """On cpu too, where the versions do not apply: a typo must not wait for a GPU to show."""
+    x, w, dy = _f32(rng, 2, 3), _f32(rng, 4, 3), _f32(rng, 2, 4)
     with pytest.raises(ValueError, match="version: unknown GEMM version 'fast'"):
-        linear(_f32(rng, 2, 3), _f32(rng, 4, 3), version="fast")
+        linear(x, w, version="fast")
+    with pytest.raises(ValueError, match="version: unknown GEMM version 'fast'"):
+        linear_backward(dy, x, w, version="fast")
+    with pytest.raises(TypeError, match="version: expected a version name"):
+        linear(x, w, version=2)
+
+
+def test_op_versions_are_the_kernel_versions(kernel_backend):
+    from gpu_cnn.ops.dense import VERSIONS as OP_VERSIONS
+
+    assert OP_VERSIONS == _gemm().VERSIONS == VERSIONS

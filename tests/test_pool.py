@@ -484,3 +484,27 @@ def test_kernel_dispatcher_and_launchers_check_their_arguments(kernel_backend):
         kp.max_pool2d_forward(np.ones((1, 2, 4, 4), np.float32), _base.empty((1, 2, 2, 2)), idx, (2, 2), (2, 2), (0, 0))
     with pytest.raises(TypeError, match="idx"):
         kp.max_pool2d_forward(dx, _base.empty((1, 2, 2, 2)), dy, (2, 2), (2, 2), (0, 0))
+
+
+def test_backward_checks_host_indices_against_their_windows_on_every_backend(backend, rng):
+    """Host idx are checked before the cast to int32 and before any kernel: out of range, outside its own
+    window, or wrapping in the int32 cast, each is refused on cpu and on the kernels alike."""
+    x = _distinct(rng, (1, 2, 4, 6))
+    _, idx = max_pool2d(x, 2)
+    dy = rng.standard_normal(idx.shape).astype(np.float32)
+    for bad, match in [(np.full_like(idx, 99), r"idx: indices must lie in \[0, H\*W\) = \[0, 24\), found 99"),
+                       (np.full_like(idx, -1), "found -1"),
+                       (idx.astype(np.int64) + 2**32, r"found 4294967"),
+                       (np.zeros_like(idx), r"idx\[0, 0, 0, 1\] = 0 \(row 0, column 0\) is outside that output's "
+                                            r"window \(rows 0..1, columns 2..3\)")]:
+        for version in ("gather", "atomic"):
+            with pytest.raises(ValueError, match=match):
+                max_pool2d_backward(dy, bad, x.shape, 2, version=version)
+    with pytest.raises(ValueError, match="version: unknown max-pool backward version 'scater'"):
+        max_pool2d_backward(dy, idx, x.shape, 2, version="scater")  # on cpu too, where versions do not apply
+
+
+def test_op_versions_are_the_kernel_versions(kernel_backend):
+    from gpu_cnn.ops.pool import BACKWARD_VERSIONS as OP_VERSIONS
+
+    assert OP_VERSIONS == _k().VERSIONS == BACKWARD_VERSIONS

@@ -43,9 +43,21 @@ def is_device_array(a):
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
 
+def check_version(version, versions, what):
+    """None (the default) or one of ``versions``, on every backend: a script tried on cpu, where the
+    kernel versions do not apply, must not break on a GPU over a typo."""
+    if version is None:
+        return
+    if not isinstance(version, str):
+        raise TypeError(f"version: expected a version name (str) or None, got {version!r}")
+    if version not in versions:
+        raise ValueError(f"version: unknown {what} version {version!r}; expected one of {', '.join(versions)}")
+
+
 def check_rank(name, a, ndim, layout):
     if len(a.shape) != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array {layout}, got shape {tuple(a.shape)}")
+        layout = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected a {ndim}-D array{layout}, got shape {tuple(a.shape)}")
 
 
 def check_shape(name, a, shape):

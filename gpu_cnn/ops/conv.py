@@ -47,7 +47,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import backend as _backend
-from ._base import as_input, check_out, empty, pair, result
+from ._base import as_input, check_out, check_version, empty, pair, result
 
 _X_LAYOUT = "(N, C_in, H, W)"
 _W_LAYOUT = "(C_out, C_in, kH, kW)"
@@ -63,12 +63,7 @@ VERSIONS = ("naive", "tiled")
 
 
 def _check_version(version):
-    if version is None:
-        return
-    if not isinstance(version, str):
-        raise TypeError(f"version: expected a version name (str) or None, got {version!r}")
-    if version not in VERSIONS:
-        raise ValueError(f"version: unknown conv2d version {version!r}; expected one of {', '.join(VERSIONS)}")
+    check_version(version, VERSIONS, "conv2d")
 
 
 def _check_dims(name, a):

@@ -6,15 +6,18 @@ of :mod:`gpu_cnn.kernels.gemm`, which also read the transposed operands in place
 import numpy as np
 
 from .. import backend as _backend
-from ._base import as_input, check_out, check_shape, empty, result
+from ._base import as_input, check_out, check_shape, check_version, empty, result
 
 _X_LAYOUT = "(N, in_features)"
 _W_LAYOUT = "(out_features, in_features)"
 
 
+# = gpu_cnn.kernels.gemm.VERSIONS (not imported from there on cpu; the tests check the two agree)
+VERSIONS = ("naive", "tiled", "register_tiled")
+
+
 def _check_version(version):
-    if version is not None and not isinstance(version, str):
-        raise TypeError(f"version: expected a version name (str) or None, got {version!r}")
+    check_version(version, VERSIONS, "GEMM")
 
 
 def linear(x, w, b=None, *, out=None, version=None):

@@ -28,11 +28,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import backend as _backend
 from ._base import (
-    _as_cuda_array, as_input, check_out, check_shape, empty, is_device_array, pair, result, to_device,
+    _as_cuda_array, as_input, check_out, check_shape, check_version, empty, is_device_array, pair, result,
+    to_device,
 )
 
 _LAYOUT = "(N, C, H, W)"
 INDEX = np.int32
+# = gpu_cnn.kernels.pool.VERSIONS (not imported from there on cpu; the tests check the two agree)
+BACKWARD_VERSIONS = ("gather", "atomic")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,8 +73,13 @@ def _x_shape(x_shape):
     return x_shape
 
 
-def _as_index(name, idx, shape):
-    """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted)."""
+def _as_index(name, idx, shape, x_shape, k, s, p):
+    """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted).
+
+    Host indices are checked on the host, before any cast: each must name a cell of its own window, as
+    max_pool2d's do, so that every backend and version computes the same dx. Device indices are taken
+    as they are (checking them would copy them back): pass the idx max_pool2d returned.
+    """
     if idx is None:
         raise TypeError(f"{name}: expected an int32 index array, got None")
     if is_device_array(idx):
@@ -88,8 +96,30 @@ def _as_index(name, idx, shape):
     if not np.issubdtype(host.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer index array (int32, from max_pool2d), got dtype {host.dtype.name}")
     check_shape(name, host, shape)
+    _check_in_windows(name, host, x_shape, k, s, p)
     host = np.ascontiguousarray(host, dtype=INDEX)
     return to_device(host) if _backend.uses_kernels() else host
+
+
+def _check_in_windows(name, idx, x_shape, k, s, p):
+    """Every idx[n, c, i, j] = h*W + w names a real cell of output (i, j)'s window."""
+    h, w = x_shape[2:]
+    if idx.size == 0:
+        return
+    if idx.min() < 0 or idx.max() >= h * w:
+        bad = idx[(idx < 0) | (idx >= h * w)].flat[0]
+        raise ValueError(f"{name}: indices must lie in [0, H*W) = [0, {h * w}), found {int(bad)}")
+    i64 = idx.astype(np.int64)
+    rows, cols = i64 // w, i64 % w
+    r0 = (np.arange(idx.shape[2]) * s[0] - p[0])[:, None]
+    c0 = (np.arange(idx.shape[3]) * s[1] - p[1])[None, :]
+    outside = (rows < r0) | (rows >= r0 + k[0]) | (cols < c0) | (cols >= c0 + k[1])
+    if outside.any():
+        n, c, i, j = (int(v[0]) for v in np.nonzero(outside))
+        raise ValueError(
+            f"{name}: idx[{n}, {c}, {i}, {j}] = {int(idx[n, c, i, j])} (row {int(rows[n, c, i, j])}, column "
+            f"{int(cols[n, c, i, j])}) is outside that output's window (rows {int(r0[i, 0])}..{int(r0[i, 0]) + k[0] - 1}, "
+            f"columns {int(c0[0, j])}..{int(c0[0, j]) + k[1] - 1}); pass the idx that max_pool2d returned")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,10 +198,7 @@ def _cpu_forward(x, k, s, p, y, idx):
 
 def _cpu_backward(dy, idx, dx, k, s):
     n, c, h, w = dx.shape
-    plane = h * w
-    if idx.size and (idx.min() < 0 or idx.max() >= plane):
-        bad = idx[(idx < 0) | (idx >= plane)].flat[0]
-        raise ValueError(f"idx: indices must lie in [0, H*W) = [0, {plane}), found {int(bad)}")
+    plane = h * w  # idx was checked against the windows in _as_index
     flat = ((np.arange(n * c, dtype=np.intp) * plane)[:, None] + idx.reshape(n * c, -1)).reshape(-1)
     dx.fill(0)
     if s[0] >= k[0] and s[1] >= k[1]:  # windows cannot overlap: each input receives at most one dy
@@ -226,14 +253,13 @@ def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0,
     (``gpu_cnn.kernels.pool.VERSIONS``: ``gather``, the deterministic default, or ``atomic``); ignored on
     cpu. Host float64 input is computed in float32.
     """
-    if version is not None and not isinstance(version, str):
-        raise TypeError(f"version: expected a version name (str) or None, got {version!r}")
+    check_version(version, BACKWARD_VERSIONS, "max-pool backward")
     k, s, p = _params(kernel_size, stride, padding)
     x_shape = _x_shape(x_shape)
     out_shape = _out_shape(x_shape, k, s, p)
     dy, on_host = as_input("dy", dy, 4, _LAYOUT)
     check_shape("dy", dy, out_shape)
-    idx = _as_index("idx", idx, out_shape)
+    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p)
     dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
 
     if not _backend.uses_kernels():

@@ -89,6 +89,9 @@ def get_backend():
     if _backend is None:
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
+            if env.lower() not in BACKENDS:
+                raise ValueError(f"${ENV_VAR}: expected one of {', '.join(BACKENDS)}, got {env!r} "
+                                 f"(set {ENV_VAR} to a valid backend, or unset it)")
             set_backend(env)
         else:
             set_backend("cuda" if gpu_available() else "cpu")

@@ -84,7 +84,7 @@ def test_unknown_backend_names_the_choices():
 def test_environment_variable_with_bad_name_is_a_clear_error():
     proc = run_py("import gpu_cnn\ngpu_cnn.get_backend()\n", GPU_CNN_BACKEND="tpu")
     assert proc.returncode != 0
-    assert "backend: expected one of cuda, sim, cpu, got 'tpu'" in proc.stderr
+    assert "$GPU_CNN_BACKEND: expected one of cuda, sim, cpu, got 'tpu'" in proc.stderr  # names where it came from
 
 
 def test_cpu_backend_does_not_load_numba_cuda():

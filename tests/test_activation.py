@@ -236,3 +236,17 @@ def test_kernel_launchers_check_their_arguments(kernel_backend):
         ka.bias_relu(xd, _base.empty((4,)), _base.empty(xd.shape))
     with pytest.raises(ValueError, match="x"):
         ka.bias_relu(_base.empty((2, 3, 4)), _base.empty((3,)), _base.empty((2, 3, 4)))
+
+
+def test_out_that_cannot_be_written_is_named(backend, rng):
+    """A read-only NumPy out (cpu) or a non-contiguous device out is refused as `out`, before any work."""
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    if backend == "cpu":
+        out = np.empty_like(x)
+        out.flags.writeable = False
+        match = "out: the array is read-only"
+    else:
+        out = _base.to_device(np.empty((2, 3, 4, 8), np.float32))[:, :, :, ::2]
+        match = "out: device arrays must be C-contiguous"
+    with pytest.raises(ValueError, match=match):
+        relu(x, out=out)

@@ -127,8 +127,12 @@ def check_out(name, out, shape, on_kernels=None, dtype=FLOAT):
         if not is_device_array(out):
             raise TypeError(f"{name}: expected a device array on backend {_backend.get_backend()!r}")
         out = _as_cuda_array(out)
+        if not out.is_c_contiguous():
+            raise ValueError(f"{name}: device arrays must be C-contiguous")
     elif not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected a NumPy array on backend 'cpu'")
+    elif not out.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only")
     if np.dtype(out.dtype) != np.dtype(dtype):
         raise TypeError(f"{name}: expected {np.dtype(dtype).name}, got {np.dtype(out.dtype).name}")
     check_shape(name, out, shape)

@@ -88,7 +88,12 @@ class Trainer:
         self.val_split = float(val_split)
         self.progress = progress
         self.checkpoint_path = checkpoint_path
+        from .checkpoint import RESERVED_KEYS
+
         self.metadata = dict(metadata or {})
+        reserved = sorted(set(self.metadata) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"metadata: key {reserved[0]!r} is reserved (the checkpoint writes it itself)")
         kw = {} if weight_decay is None else {"weight_decay": weight_decay}
         if optimizer == "sgd":
             kw["momentum"] = momentum

@@ -175,6 +175,8 @@ def test_argument_types(cpu_backend, digits):
             Trainer(model, **kw)
     with pytest.raises(TypeError, match="model: expected a gpu_cnn.nn model"):
         Trainer(None)
+    with pytest.raises(ValueError, match="metadata: key 'architecture' is reserved"):
+        Trainer(model, metadata={"architecture": "lenet5"})  # at once, not at the first checkpoint
     with pytest.raises(ValueError, match="epochs"):
         t.fit(_small(digits, 8), epochs=True)
 

@@ -1,11 +1,12 @@
 """Ready-made networks."""
-from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, manual_seed
+from .nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, manual_seed, positive_int
 
 MODELS = ("lenet5", "digits_cnn")
 
 
 def lenet5(num_classes=10, seed=None):
     """LeNet-5 for 1×28×28 input, exactly as the PyTorch ``Sequential`` of the same name."""
+    num_classes = positive_int("num_classes", num_classes)
     if seed is not None:
         manual_seed(seed)
     return Sequential(
@@ -20,6 +21,7 @@ def lenet5(num_classes=10, seed=None):
 
 def digits_cnn(num_classes=10, seed=None):
     """A small CNN for scikit-learn's 1×8×8 digits: 8×8 → conv3 → 8×8 → pool → 4×4 → conv3 → pool → 2×2."""
+    num_classes = positive_int("num_classes", num_classes)
     if seed is not None:
         manual_seed(seed)
     return Sequential(
@@ -32,6 +34,7 @@ def digits_cnn(num_classes=10, seed=None):
 
 
 def get_model(name, num_classes=10, seed=None):
-    if name not in MODELS:
+    """One of :data:`MODELS` by name; num_classes a positive int, seed a non-negative int or None."""
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")
     return globals()[name](num_classes=num_classes, seed=seed)

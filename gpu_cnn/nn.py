@@ -6,9 +6,18 @@ in a :class:`gpu_cnn.memory.Workspace`, allocated on the first forward for a bat
 after. ``forward`` caches what ``backward`` reads (the input, the pool argmax). ``backward`` WRITES the
 parameter gradients (it does not accumulate), then returns the gradient of the input.
 
+Bad input is a clear error naming the argument: constructors check their sizes (positive ints) and
+geometry (as the functional ops do); ``forward`` checks the batch's rank (a layer says what it expects,
+e.g. ``x: expected a 4-D batch (N, C, H, W)``) and that the filter or window fits the input;
+``backward`` checks that a forward ran and that ``dy`` is a floating-point array shaped like that
+forward's output.
+
 Weights use Kaiming (He) normal initialisation, std = sqrt(2 / fan_in), drawn from the module's
 generator (seed it with :func:`manual_seed`); biases start at zero.
 """
+import numbers
+from collections.abc import Mapping
+
 import numpy as np
 
 from . import backend as _backend
@@ -20,9 +29,51 @@ _rng = np.random.default_rng(0)
 
 
 def manual_seed(seed):
-    """Seed the generator that initialises new layers' weights."""
+    """Seed the generator that initialises new layers' weights (a non-negative int)."""
     global _rng
-    _rng = np.random.default_rng(seed)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    _rng = np.random.default_rng(int(seed))
+
+
+def positive_int(name, value):
+    """`value` as an int >= 1 (NumPy integers accepted; bool, float and str rejected), else a clear
+    error naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _shape_of(a):
+    return tuple(int(s) for s in a.shape)
+
+
+def _host_array(name, a):
+    """np.asarray(a), or a clear TypeError when `a` is not array-like (a str, None, a ragged list)."""
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name}: expected an array of floats, got a {type(a).__name__} NumPy cannot "
+                        f"convert ({exc})") from None
+    if arr.dtype.kind in "OUSV" and not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected an array of floats, got a {type(a).__name__}")
+    return arr
+
+
+def _kind_of(a):
+    """How to describe a non-float argument in an error: its dtype, or its Python type."""
+    dtype = getattr(a, "dtype", None)
+    return f"dtype {np.dtype(dtype).name}" if dtype is not None else f"a {type(a).__name__}"
 
 
 class Parameter:
@@ -58,9 +109,13 @@ def _host_copy(a):
 class Module:
     """Base class: forward/backward, parameters, state_dict, workspace."""
 
+    # (ndim, layout) of the batch a layer takes; None: any rank (ReLU). Flatten needs at least 2-D.
+    input_rank = None
+
     def __init__(self):
         self.ws = Workspace(type(self).__name__)
         self.needs_input_grad = True
+        self._y_shape = None  # shape of the last successful forward's output; None: no forward yet
 
     # -- what each layer defines
     def forward(self, x):
@@ -84,6 +139,43 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def expected_rank(self):
+        """(ndim, layout) of the batch this module takes, or None when any rank goes."""
+        return self.input_rank
+
+    def check_input(self, x, name="x", hint=""):
+        """Raise a clear ValueError naming `name` when `x` (anything with .shape) has the wrong rank."""
+        rank = self.expected_rank()
+        if rank is not None and len(x.shape) != rank[0]:
+            raise ValueError(f"{name}: expected a {rank[0]}-D batch {rank[1]}, got shape {_shape_of(x)}{hint}")
+
+    def _begin_forward(self, x):
+        """Check the input's rank and forget the previous forward (so a failed forward cannot be
+        followed by a backward that reads stale caches)."""
+        self._y_shape = None
+        self.check_input(x)
+
+    def _grad_output(self, dy):
+        """`dy` checked against the last forward's output: floating point (not int, bool or str), and
+        of the same shape. Host input comes back as a NumPy array; device input as it was."""
+        if self._y_shape is None:
+            raise RuntimeError(f"{type(self).__name__}: backward() called before forward() "
+                               "(or after a forward that failed)")
+        if not _base.is_device_array(dy):
+            dy = _host_array("dy", dy)
+        if not np.issubdtype(np.dtype(dy.dtype), np.floating):
+            raise TypeError(f"dy: expected a floating-point array, got {_kind_of(dy)}")
+        if _shape_of(dy) != self._y_shape:
+            raise ValueError(f"dy: expected shape {self._y_shape} (the output of {type(self).__name__}), "
+                             f"got {_shape_of(dy)}")
+        return dy
+
+    def _cached(self, attr):
+        value = getattr(self, attr, None)
+        if value is None:
+            raise RuntimeError(f"{type(self).__name__}: backward() called before forward()")
+        return value
+
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
@@ -97,6 +189,8 @@ class Module:
 
     def load_state_dict(self, state):
         """Copy values in place. Missing, unexpected or wrongly shaped entries raise a clear error."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a dict of arrays (name -> array), got {type(state).__name__}")
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
@@ -104,10 +198,10 @@ class Module:
             raise KeyError(f"state_dict does not match the model: missing {missing}, unexpected {extra}")
         for name, p in own.items():
             value = np.asarray(state[name])
-            if value.shape != p.shape:
-                raise ValueError(f"state_dict[{name!r}]: expected shape {p.shape}, got {value.shape}")
             if not np.issubdtype(value.dtype, np.floating):
                 raise TypeError(f"state_dict[{name!r}]: expected floating values, got {value.dtype}")
+            if value.shape != p.shape:
+                raise ValueError(f"state_dict[{name!r}]: expected shape {p.shape}, got {value.shape}")
         for name, p in own.items():
             p.assign(state[name])
 
@@ -119,15 +213,37 @@ class Module:
         return f"{type(self).__name__}({args})"
 
 
+def _sample_chw(who, in_shape):
+    """One sample's (C, H, W), else a clear error (the batch axis is not part of `in_shape`)."""
+    in_shape = tuple(in_shape)
+    if len(in_shape) != 3:
+        raise ValueError(f"{who} expects samples of shape (C, H, W) (batches (N, C, H, W)), got {in_shape}")
+    return in_shape
+
+
+def _sliding_out(who, what, h, w, k, s, p):
+    """(Ho, Wo) of a window k sliding with stride s over an (h, w) input padded by p, or a clear error
+    when the window does not fit (the functional ops' rule, checked before any buffer is planned)."""
+    if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1]:
+        raise ValueError(
+            f"kernel_size: {who}'s {what} {k} is larger than the padded input {(h + 2 * p[0], w + 2 * p[1])} "
+            f"(input {(h, w)}, padding {p})")
+    return (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation), NCHW, weight (C_out, C_in, kH, kW)."""
 
+    input_rank = (4, "(N, C, H, W)")
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _base.pair("kernel_size", kernel_size, 1)
         self.stride = _base.pair("stride", stride, 1)
         self.padding = _base.pair("padding", padding, 0)
+        bias = _flag("bias", bias)
         kh, kw = self.kernel_size
         fan_in = self.in_channels * kh * kw
         w = _rng.normal(0.0, np.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels, kh, kw))
@@ -139,22 +255,25 @@ class Conv2d(Module):
         return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
+        c, h, w = _sample_chw("Conv2d", in_shape)
         if c != self.in_channels:
             raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {c}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return (self.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        return (self.out_channels,) + _sliding_out("Conv2d", "filter", h, w, self.kernel_size, self.stride,
+                                                   self.padding)
 
     def forward(self, x):
+        self._begin_forward(x)
+        self._x = None
         out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
         y = self.ws.get("output", out_shape)
         F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
                  self.stride, self.padding, out=y)
-        self._x = x
+        self._x, self._y_shape = x, _shape_of(y)
         return y
 
     def backward(self, dy):
-        x = self._x
+        dy = self._grad_output(dy)
+        x = self._cached("_x")
         dx = self.ws.get("grad_input", x.shape) if self.needs_input_grad else None
         F.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding,
                           out=(dx, self.weight.grad, None if self.bias is None else self.bias.grad),
@@ -171,42 +290,56 @@ class ReLU(Module):
     """max(x, 0); backward passes dy where x > 0."""
 
     def forward(self, x):
+        self._begin_forward(x)
+        self._x = None
         y = self.ws.get("output", x.shape)
         F.relu(x, out=y)
-        self._x = x
+        self._x, self._y_shape = x, _shape_of(y)
         return y
 
     def backward(self, dy):
-        dx = self.ws.get("grad_input", dy.shape)
-        F.relu_backward(dy, self._x, out=dx)
+        dy = self._grad_output(dy)
+        x = self._cached("_x")
+        dx = self.ws.get("grad_input", x.shape)
+        F.relu_backward(dy, x, out=dx)
         return dx
 
 
 class MaxPool2d(Module):
     """Max pooling; forward keeps the argmax of every output for backward."""
 
+    input_rank = (4, "(N, C, H, W)")
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = _base.pair("kernel_size", kernel_size, 1)
+        self.kernel_size = k = _base.pair("kernel_size", kernel_size, 1)
         self.stride = self.kernel_size if stride is None else _base.pair("stride", stride, 1)
-        self.padding = _base.pair("padding", padding, 0)
+        self.padding = p = _base.pair("padding", padding, 0)
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:  # F.max_pool2d's rule, checked now rather than at forward
+            raise ValueError(
+                f"padding: must be at most kernel_size // 2 = {(k[0] // 2, k[1] // 2)} per axis "
+                f"(so every window holds a real cell), got {p} with kernel_size {k}")
+        self._x_shape = self._idx = None
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return (c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        c, h, w = _sample_chw("MaxPool2d", in_shape)
+        return (c,) + _sliding_out("MaxPool2d", "window", h, w, self.kernel_size, self.stride, self.padding)
 
     def forward(self, x):
+        self._begin_forward(x)
+        self._x_shape = self._idx = None
         out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
         y = self.ws.get("output", out_shape)
         idx = self.ws.get("argmax", out_shape, np.int32)
         F.max_pool2d(x, self.kernel_size, self.stride, self.padding, out=(y, idx))
-        self._x_shape, self._idx = tuple(x.shape), idx
+        self._x_shape, self._idx, self._y_shape = _shape_of(x), idx, _shape_of(y)
         return y
 
     def backward(self, dy):
-        dx = self.ws.get("grad_input", self._x_shape)
-        F.max_pool2d_backward(dy, self._idx, self._x_shape, self.kernel_size, self.stride, self.padding, out=dx)
+        dy = self._grad_output(dy)
+        x_shape, idx = self._cached("_x_shape"), self._cached("_idx")
+        dx = self.ws.get("grad_input", x_shape)
+        F.max_pool2d_backward(dy, idx, x_shape, self.kernel_size, self.stride, self.padding, out=dx)
         return dx
 
     def spec(self):
@@ -215,28 +348,45 @@ class MaxPool2d(Module):
 
 
 class Flatten(Module):
-    """(N, C, H, W) -> (N, C*H*W), a view."""
+    """(N, C, H, W) -> (N, C*H*W), a view. Any batch of at least 2 dimensions."""
+
+    def expected_rank(self):
+        return None  # checked in check_input: any rank >= 2
+
+    def check_input(self, x, name="x", hint=""):
+        if len(x.shape) < 2:
+            raise ValueError(f"{name}: expected a batch of at least 2 dimensions (N, ...), "
+                             f"got shape {_shape_of(x)}{hint}")
 
     def output_shape(self, in_shape):
         return (int(np.prod(in_shape)),)
 
     def forward(self, x):
-        self._x_shape = tuple(x.shape)
-        return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+        self._begin_forward(x)
+        self._x_shape = _shape_of(x)
+        y = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+        self._y_shape = _shape_of(y)
+        return y
 
     def backward(self, dy):
-        return dy.reshape(*self._x_shape)
+        dy = self._grad_output(dy)
+        return dy.reshape(*self._cached("_x_shape"))
 
 
 class Linear(Module):
     """y = x·wᵀ + b, weight (out_features, in_features)."""
 
+    input_rank = (2, "(N, in_features)")
+
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        bias = _flag("bias", bias)
         w = _rng.normal(0.0, np.sqrt(2.0 / self.in_features), (self.out_features, self.in_features))
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(self.out_features)) if bias else None
+        self._x = None
 
     def named_parameters(self):
         return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
@@ -247,15 +397,19 @@ class Linear(Module):
         return (self.out_features,)
 
     def forward(self, x):
+        self._begin_forward(x)
+        self._x = None
         self.output_shape(tuple(x.shape[1:]))
         y = self.ws.get("output", (x.shape[0], self.out_features))
         F.linear(x, self.weight.data, None if self.bias is None else self.bias.data, out=y)
-        self._x = x
+        self._x, self._y_shape = x, _shape_of(y)
         return y
 
     def backward(self, dy):
-        dx = self.ws.get("grad_input", self._x.shape) if self.needs_input_grad else None
-        F.linear_backward(dy, self._x, self.weight.data,
+        dy = self._grad_output(dy)
+        x = self._cached("_x")
+        dx = self.ws.get("grad_input", x.shape) if self.needs_input_grad else None
+        F.linear_backward(dy, x, self.weight.data,
                           out=(dx, self.weight.grad, None if self.bias is None else self.bias.grad),
                           bias=self.bias is not None, need_dx=self.needs_input_grad)
         return dx
@@ -298,8 +452,11 @@ class Sequential(Module):
 
     def output_shape(self, in_shape):
         shape = tuple(in_shape)
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.output_shape(shape)
+            except ValueError as exc:  # say where in the model the shapes stop fitting
+                raise ValueError(f"layer {i} ({type(layer).__name__}), input {shape}: {exc}") from None
         return shape
 
     def _check_backend(self):
@@ -309,24 +466,61 @@ class Sequential(Module):
                 "call model.to_backend() to move it"
             )
 
+    def expected_rank(self):
+        """The rank the first layer that cares about it (not ReLU) takes."""
+        for layer in self.layers:
+            if isinstance(layer, Flatten):
+                return None
+            rank = layer.expected_rank()
+            if rank is not None:
+                return rank
+        return None
+
+    def check_input(self, x, name="x", hint=""):
+        for layer in self.layers:
+            if isinstance(layer, Flatten) or layer.expected_rank() is not None:
+                layer.check_input(x, name, hint)
+                return
+
     def forward(self, x):
+        """Logits for a batch x (N, C, H, W) (or whatever rank the first layer takes); a host batch
+        gives host logits, a device batch device logits."""
         self._check_backend()
+        self._y_shape = None
         if _base.is_device_array(x):
-            h, self._host_io = _base.as_input("x", x, 4 if self.layers and not isinstance(self.layers[0], Linear) else None)[0], False
+            h, self._host_io = _base.as_input("x", x)[0], False
+            self.check_input(h)
         else:
-            host = np.asarray(x)
+            host = _host_array("x", x)
             if not np.issubdtype(host.dtype, np.floating):
                 raise TypeError(f"x: expected a floating-point batch, got dtype {host.dtype.name}")
+            self.check_input(host)
             h, self._host_io = self.staging.to_backend("input", host), True
         for i, layer in enumerate(self.layers):
             layer.needs_input_grad = i > 0 or self.requires_input_grad
+            if i > 0:  # a wrong rank here is a model built wrongly (a missing Flatten), not a bad x
+                prev = f"layer {i - 1} ({type(self.layers[i - 1]).__name__})"
+                hint = "; is an nn.Flatten() missing before it?" if len(h.shape) > 2 and isinstance(layer, Linear) else ""
+                layer.check_input(h, f"layer {i} ({type(layer).__name__}): its input from {prev}", hint)
             h = layer.forward(h)
+        self._y_shape = _shape_of(h)
         return _host_copy(h) if self._host_io else h
 
     def backward(self, dy):
+        """Gradients for dy = dLoss/dlogits, of the shape the last forward returned (N, classes)."""
         self._check_backend()
+        if self._y_shape is None:
+            raise RuntimeError("Sequential: backward() called before forward() (or after a forward that failed)")
+        if _base.is_device_array(dy):
+            dy = _base.as_input("dy", dy)[0]  # float32, C-contiguous, on this backend
+        else:
+            dy = _host_array("dy", dy)
+        if not np.issubdtype(np.dtype(dy.dtype), np.floating):
+            raise TypeError(f"dy: expected a floating-point array, got dtype {np.dtype(dy.dtype).name}")
+        if _shape_of(dy) != self._y_shape:
+            raise ValueError(f"dy: expected shape {self._y_shape} (the model's output), got {_shape_of(dy)}")
         if not _base.is_device_array(dy) and _backend.uses_kernels():
-            dy = self.staging.to_backend("grad_output", np.asarray(dy))
+            dy = self.staging.to_backend("grad_output", dy)
         elif not _base.is_device_array(dy):
             dy = np.ascontiguousarray(dy, dtype=np.float32)
         for layer in reversed(self.layers):

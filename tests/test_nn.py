@@ -1,5 +1,7 @@
 """Layers and whole networks: forward/backward against an independent float64 NumPy network,
 finite differences end to end, sim vs cpu, state_dict rules, planned memory."""
+import re
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,206 @@ def test_bad_layer_input_is_a_clear_error(cpu_backend):
         model.forward(np.zeros((2, 1, 9, 7), np.int64))
     with pytest.raises(TypeError, match="layer 1"):
         nn.Sequential(nn.ReLU(), "relu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, never a crash deep inside NumPy or Python
+
+
+def digits_batch(rng, n=2):
+    return rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8), (1, 8, 8), (8, 8), (1, 2, 1, 8, 8)])
+def test_model_rejects_a_batch_of_the_wrong_rank(cpu_backend, shape):
+    model = models.digits_cnn(seed=0)
+    msg = re.escape(f"x: expected a 4-D batch (N, C, H, W), got shape {shape}")
+    with pytest.raises(ValueError, match=msg):
+        model.forward(np.zeros(shape, np.float32))
+
+
+def test_single_image_needs_a_batch_axis(cpu_backend, rng):
+    model = models.digits_cnn(seed=0)
+    x = digits_batch(rng)
+    with pytest.raises(ValueError, match=re.escape("x: expected a 4-D batch (N, C, H, W), got shape (1, 8, 8)")):
+        model.forward(x[0])
+    assert model.forward(x[:1]).shape == (1, 10)  # the same image with its batch axis is fine
+
+
+def test_layers_say_which_rank_they_take(cpu_backend):
+    with pytest.raises(ValueError, match=re.escape("x: expected a 4-D batch (N, C, H, W), got shape (1, 3, 3)")):
+        nn.Conv2d(1, 2, 3)(np.zeros((1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("x: expected a 4-D batch (N, C, H, W), got shape (4, 4)")):
+        nn.MaxPool2d(2)(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match=re.escape("x: expected a 2-D batch (N, in_features), got shape (1, 1, 3, 3)")):
+        nn.Linear(9, 2)(np.zeros((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("x: expected a batch of at least 2 dimensions (N, ...), got shape (3,)")):
+        nn.Flatten()(np.zeros(3, np.float32))
+    # a model that starts with Linear takes 2-D batches; ReLU first defers to the next layer
+    with pytest.raises(ValueError, match=re.escape("x: expected a 2-D batch (N, in_features), got shape (2, 1, 3, 3)")):
+        nn.Sequential(nn.ReLU(), nn.Linear(9, 2)).forward(np.zeros((2, 1, 3, 3), np.float32))
+
+
+def test_a_missing_flatten_names_the_layer(cpu_backend):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"layer 2 \(Linear\): its input from layer 1 \(ReLU\): expected a 2-D batch "
+                                         r"\(N, in_features\), got shape \(2, 2, 2, 2\); is an nn.Flatten\(\) missing"):
+        model.forward(np.zeros((2, 1, 4, 4), np.float32))
+
+
+def test_non_array_batch_is_a_type_error(cpu_backend):
+    model = models.digits_cnn(seed=0)
+    with pytest.raises(TypeError, match="x: expected an array of floats, got a str"):
+        model.forward("abc")
+    with pytest.raises(TypeError, match="x: expected an array of floats, got a NoneType"):
+        model.forward(None)
+
+
+def test_device_batch_of_the_wrong_rank_is_a_clear_error(kernel_backend):
+    """Device input takes the same check (a tiny layer: the simulator is slow)."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 1))
+    bad = _base.to_device(np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("x: expected a 4-D batch (N, C, H, W), got shape (2, 3, 3)")):
+        model.forward(bad)
+
+
+def test_filter_or_window_larger_than_the_input(cpu_backend):
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    msg = "kernel_size: Conv2d's filter (5, 5) is larger than the padded input (3, 3) (input (3, 3), padding (0, 0))"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        nn.Conv2d(1, 2, 5)(x)
+    with pytest.raises(ValueError, match=re.escape("Conv2d's filter (5, 5) is larger than the padded input (5, 3)")):
+        nn.Conv2d(1, 2, 5, padding=(1, 0))(x)
+    assert nn.Conv2d(1, 2, 5, padding=1)(x).shape == (1, 2, 1, 1)  # padding makes it fit
+    msg = "kernel_size: MaxPool2d's window (4, 4) is larger than the padded input (3, 3) (input (3, 3), padding (0, 0))"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        nn.MaxPool2d(4)(x)
+    # the static check says where in the model the shapes stop fitting (lenet5 needs 28×28, not 8×8)
+    with pytest.raises(ValueError, match=r"layer 3 \(Conv2d\), input \(6, 4, 4\): kernel_size: Conv2d's filter \(5, 5\) "
+                                         r"is larger than the padded input \(4, 4\)"):
+        models.lenet5().output_shape((1, 8, 8))
+    with pytest.raises(ValueError, match=re.escape("Conv2d expects samples of shape (C, H, W) (batches (N, C, H, W)), got (8, 8)")):
+        models.digits_cnn().output_shape((8, 8))
+
+
+@pytest.mark.parametrize("make, exc, msg", [
+    (lambda: nn.Conv2d(0, 4, 3), ValueError, "in_channels: expected a positive int, got 0"),
+    (lambda: nn.Conv2d(1, -4, 3), ValueError, "out_channels: expected a positive int, got -4"),
+    (lambda: nn.Conv2d(1, 0, 3), ValueError, "out_channels: expected a positive int, got 0"),
+    (lambda: nn.Conv2d(1.5, 4, 3), TypeError, "in_channels: expected a positive int, got 1.5"),
+    (lambda: nn.Conv2d("3", 4, 3), TypeError, "in_channels: expected a positive int, got '3'"),
+    (lambda: nn.Conv2d(True, 4, 3), TypeError, "in_channels: expected a positive int, got True"),
+    (lambda: nn.Conv2d(1, 4, 0), ValueError, r"kernel_size: expected values >= 1, got \(0, 0\)"),
+    (lambda: nn.Conv2d(1, 4, (3, 3, 3)), TypeError, "kernel_size: expected an int or a pair of ints"),
+    (lambda: nn.Conv2d(1, 4, 3, stride=0), ValueError, r"stride: expected values >= 1, got \(0, 0\)"),
+    (lambda: nn.Conv2d(1, 4, 3, stride=1.5), TypeError, "stride: expected an int or a pair of ints, got 1.5"),
+    (lambda: nn.Conv2d(1, 4, 3, padding=-1), ValueError, r"padding: expected values >= 0, got \(-1, -1\)"),
+    (lambda: nn.Conv2d(1, 4, 3, padding=True), TypeError, "padding: expected an int or a pair of ints, got True"),
+    (lambda: nn.Conv2d(1, 4, 3, bias="no"), TypeError, "bias: expected True or False, got 'no'"),
+    (lambda: nn.Linear(0, 10), ValueError, "in_features: expected a positive int, got 0"),
+    (lambda: nn.Linear(-1, 10), ValueError, "in_features: expected a positive int, got -1"),
+    (lambda: nn.Linear(10, 0), ValueError, "out_features: expected a positive int, got 0"),
+    (lambda: nn.Linear(10.7, 3), TypeError, "in_features: expected a positive int, got 10.7"),
+    (lambda: nn.Linear(10, False), TypeError, "out_features: expected a positive int, got False"),
+    (lambda: nn.MaxPool2d(0), ValueError, r"kernel_size: expected values >= 1, got \(0, 0\)"),
+    (lambda: nn.MaxPool2d(2, stride=0), ValueError, r"stride: expected values >= 1, got \(0, 0\)"),
+    (lambda: nn.MaxPool2d(2, padding=3), ValueError,
+     r"padding: must be at most kernel_size // 2 = \(1, 1\) per axis .* got \(3, 3\) with kernel_size \(2, 2\)"),
+    (lambda: nn.MaxPool2d((3, 2), padding=(0, 2)), ValueError, r"padding: must be at most kernel_size // 2 = \(1, 1\) .* got \(0, 2\)"),
+    (lambda: models.lenet5(num_classes=-1), ValueError, "num_classes: expected a positive int, got -1"),
+    (lambda: models.lenet5(num_classes=0), ValueError, "num_classes: expected a positive int, got 0"),
+    (lambda: models.lenet5(num_classes=1.5), TypeError, "num_classes: expected a positive int, got 1.5"),
+    (lambda: models.digits_cnn(num_classes=True), TypeError, "num_classes: expected a positive int, got True"),
+    (lambda: models.get_model("digits_cnn", num_classes="10"), TypeError, "num_classes: expected a positive int, got '10'"),
+    (lambda: models.digits_cnn(seed=-1), ValueError, "seed: expected a non-negative int, got -1"),
+    (lambda: models.digits_cnn(seed="abc"), TypeError, "seed: expected a non-negative int, got 'abc'"),
+])
+def test_constructors_validate_their_arguments(cpu_backend, make, exc, msg):
+    with pytest.raises(exc, match=msg):
+        make()
+
+
+def test_constructors_accept_numpy_integers(cpu_backend):
+    conv = nn.Conv2d(np.int64(2), np.int32(3), np.int64(3), stride=np.int64(1), padding=np.int16(1))
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (2, 3, (3, 3), (1, 1))
+    assert type(conv.in_channels) is int  # stored as Python ints, so spec() stays JSON-able
+    lin = nn.Linear(np.int64(4), np.uint8(2))
+    assert (lin.in_features, lin.out_features) == (4, 2)
+    assert models.digits_cnn(num_classes=np.int64(3), seed=np.int64(0)).output_shape((1, 8, 8)) == (3,)
+    assert nn.MaxPool2d(3, padding=1).padding == (1, 1)  # padding == kernel_size // 2 is allowed
+
+
+def test_from_spec_goes_through_the_constructor_checks(cpu_backend):
+    """Checkpoints rebuild models with from_spec, so a bad architecture gets the same clear errors."""
+    with pytest.raises(ValueError, match="in_features: expected a positive int, got 0"):
+        nn.from_spec({"type": "Sequential", "layers": [{"type": "Flatten"},
+                                                       {"type": "Linear", "in_features": 0, "out_features": 2}]})
+    with pytest.raises(TypeError, match="out_channels: expected a positive int, got 2.5"):
+        nn.from_spec({"type": "Conv2d", "in_channels": 1, "out_channels": 2.5, "kernel_size": [3, 3]})
+    spec = models.digits_cnn().spec()
+    assert nn.from_spec(spec).spec() == spec
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 2)],
+                         ids=lambda layer: type(layer).__name__)
+def test_backward_before_forward_names_the_layer(cpu_backend, layer):
+    name = type(layer).__name__
+    with pytest.raises(RuntimeError, match=rf"{name}: backward\(\) called before forward\(\)"):
+        layer.backward(np.ones((2, 2), np.float32))
+
+
+def test_model_backward_before_forward(cpu_backend, rng):
+    model = models.digits_cnn(seed=0)
+    with pytest.raises(RuntimeError, match=r"Sequential: backward\(\) called before forward\(\)"):
+        model.backward(np.ones((2, 10), np.float32))
+    # a forward that failed does not count: its stale caches must not be used
+    model.forward(digits_batch(rng))
+    with pytest.raises(ValueError, match="input channels"):
+        model.forward(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\) \(or after a forward that failed\)"):
+        model.backward(np.ones((2, 10), np.float32))
+
+
+def test_model_backward_checks_dy(cpu_backend, rng):
+    model = models.digits_cnn(seed=0)
+    model.forward(digits_batch(rng))
+    with pytest.raises(TypeError, match="dy: expected a floating-point array, got dtype int64"):
+        model.backward(np.ones((2, 10), np.int64))
+    with pytest.raises(TypeError, match="dy: expected a floating-point array, got dtype bool"):
+        model.backward(np.ones((2, 10), bool))
+    with pytest.raises(TypeError, match="dy: expected an array of floats, got a str"):
+        model.backward("abc")
+    with pytest.raises(TypeError, match="dy: expected an array of floats, got a NoneType"):
+        model.backward(None)
+    with pytest.raises(TypeError, match="dy: expected an array of floats, got a list NumPy cannot convert"):
+        model.backward([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match=re.escape("dy: expected shape (2, 10) (the model's output), got (2, 9)")):
+        model.backward(np.ones((2, 9), np.float32))
+    with pytest.raises(ValueError, match=re.escape("dy: expected shape (2, 10) (the model's output), got (3, 10)")):
+        model.backward(np.ones((3, 10), np.float32))
+    # after all those refusals a good dy (float64 and lists are converted, as the ops do) still works
+    model.backward(np.ones((2, 10)).tolist())
+    assert np.abs(model.state_dict()["0.weight"]).max() > 0
+    assert np.abs(model[0].weight.grad_numpy()).max() > 0
+
+
+def test_layer_backward_checks_dy_against_its_output(cpu_backend):
+    lin = nn.Linear(3, 2)
+    lin(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("dy: expected shape (4, 2) (the output of Linear), got (4, 9)")):
+        lin.backward(np.ones((4, 9), np.float32))
+    with pytest.raises(TypeError, match="dy: expected a floating-point array, got dtype int64"):
+        lin.backward(np.ones((4, 2), np.int64))
+    assert lin.backward(np.ones((4, 2), np.float32)).shape == (4, 3)
+
+
+@pytest.mark.parametrize("state", [None, [1, 2], "0.weight", 3.0])
+def test_load_state_dict_needs_a_mapping(cpu_backend, state):
+    with pytest.raises(TypeError, match="state: expected a dict of arrays"):
+        small_net().load_state_dict(state)
+
+
+def test_load_state_dict_rejects_non_float_values(cpu_backend):
+    sd = small_net().state_dict()
+    with pytest.raises(TypeError, match=r"state_dict\['0.weight'\]: expected floating values"):
+        small_net().load_state_dict(dict(sd, **{"0.weight": "abc"}))

@@ -158,10 +158,13 @@ def run_demo(out_dir=None, stream=print):
 
     Writes ``01_worked_example.png``, ``02_relu_pool.png``, ``03_digit_two_filters.png``,
     ``04_digit_two_feature_maps.png`` and ``05_digit_two_relu_pool.png`` (the figures of notebooks 01
-    and 02). Returns the list of paths written (empty without `out_dir`).
+    and 02). Returns the list of paths written (empty without `out_dir`). An `out_dir` that exists and is
+    not a folder raises ValueError before anything is printed or written.
     """
     from . import explainer
 
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
     stream(explainer.worked_example_text())
     if out_dir is None:
         return []

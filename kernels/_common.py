@@ -4,8 +4,49 @@ device functions every kernel needs (flat-index unravelling, block-wide tree red
 Every kernel is declared with :func:`kernel`, which keeps it lazy (``@cuda.jit`` without a signature,
 so importing works without a GPU) and records the signature the compile check builds it with.
 """
+import sys
+import threading
+
 import numpy as np
-from numba import cuda, float32
+from numba import config, cuda, float32
+
+def _thread_safe_simulator_shared_arrays():
+    """Under the CUDA simulator, make ``cuda.shared.array`` safe for the threads of a block.
+
+    numba-cuda 0.30.4's simulator (``FakeCUDAShared.array``) looks the array up by its call site and
+    creates it when missing, without a lock: two threads of a block arriving together can each create
+    their own "shared" array, so one thread's writes never reach the others (tiled kernels then give
+    wrong sums, now and then). Here the same lookup runs under a lock. Nothing changes on a GPU.
+    """
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator import kernelapi
+
+    cls = kernelapi.FakeCUDAShared
+    if getattr(cls, "_gpu_cnn_thread_safe", False):
+        return
+    original = cls.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: no call-site lookup
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):  # as the original does
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        site = (caller.f_code.co_filename, caller.f_lineno)  # what the original keys on
+        with lock:
+            res = self._allocations.get(site)
+            if res is None:
+                res = np.empty(shape, dtype)
+                self._allocations[site] = res
+        return res
+
+    cls.array = array
+    cls._gpu_cnn_thread_safe = True
+
+
+_thread_safe_simulator_shared_arrays()
 
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}

@@ -123,7 +123,8 @@ class Trainer:
             if np.dtype(y.dtype) != np.int32 or len(y.shape) != 1:
                 raise TypeError(f"y: a device label array must be 1-D int32, got {np.dtype(y.dtype).name} "
                                 f"of shape {tuple(y.shape)}")
-            return _base._as_cuda_array(y), _host(y)  # host labels: 4 bytes an image, for the accuracy
+            dev = _base._as_cuda_array(y)  # Numba, CuPy or PyTorch alike
+            return dev, dev.copy_to_host()  # host labels: 4 bytes an image, for the accuracy
         y = np.asarray(y)
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
             raise TypeError(f"y: expected 1-D integer class ids, got {y.dtype.name} of shape {y.shape}")
@@ -199,7 +200,8 @@ class Trainer:
             try:
                 for start in range(0, len(y), self.batch_size):
                     idx = order[start:start + self.batch_size]
-                    loss, ok = self.train_step(x[idx], y[idx])
+                    with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is reported below
+                        loss, ok = self.train_step(x[idx], y[idx])
                     if not math.isfinite(loss):
                         self._fail(epoch, start // self.batch_size + 1, loss, good)
                     total_loss += loss * len(idx)

@@ -435,8 +435,10 @@ def build_parser():
     _backend_arg(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="kernel benchmarks (python -m benchmarks.kernels)")
-    _backend_arg(p)
+    p = sub.add_parser("bench", help="kernel benchmarks (python -m benchmarks.kernels)", add_help=False,
+                       description="The kernel benchmarks: every option of python -m benchmarks.kernels "
+                                   "(gpu-cnn bench --help lists them).")
+    _backend_arg(p)  # -h/--help and every other option go on to the benchmark itself
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the CNN explainer's worked example, printed; figures with --out")

@@ -339,7 +339,8 @@ class MaxPool2d(Module):
         dy = self._grad_output(dy)
         x_shape, idx = self._cached("_x_shape"), self._cached("_idx")
         dx = self.ws.get("grad_input", x_shape)
-        F.max_pool2d_backward(dy, idx, x_shape, self.kernel_size, self.stride, self.padding, out=dx)
+        F.max_pool2d_backward(dy, idx, x_shape, self.kernel_size, self.stride, self.padding, out=dx,
+                              check_idx=False)  # its own forward's idx
         return dx
 
     def spec(self):

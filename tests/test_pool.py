@@ -508,3 +508,17 @@ def test_op_versions_are_the_kernel_versions(kernel_backend):
     from gpu_cnn.ops.pool import BACKWARD_VERSIONS as OP_VERSIONS
 
     assert OP_VERSIONS == _k().VERSIONS == BACKWARD_VERSIONS
+
+
+def test_check_idx_false_skips_only_the_window_pass(cpu_backend, rng):
+    """check_idx=False (what nn.MaxPool2d passes for its own idx) gives the same dx for valid idx; the
+    range check stays (before the int32 cast, which could wrap int64 indices)."""
+    x = _distinct(rng, (2, 3, 6, 6))
+    _, idx = max_pool2d(x, 3, 2, 1)
+    dy = rng.standard_normal(idx.shape).astype(np.float32)
+    np.testing.assert_array_equal(max_pool2d_backward(dy, idx, x.shape, 3, 2, 1, check_idx=False),
+                                  max_pool2d_backward(dy, idx, x.shape, 3, 2, 1))
+    with pytest.raises(ValueError, match="found 4294967"):
+        max_pool2d_backward(dy, idx.astype(np.int64) + 2**32, x.shape, 3, 2, 1, check_idx=False)
+    with pytest.raises(ValueError, match="found -1"):
+        max_pool2d_backward(dy, np.full_like(idx, -1), x.shape, 3, 2, 1, check_idx=False)

@@ -73,7 +73,7 @@ def _x_shape(x_shape):
     return x_shape
 
 
-def _as_index(name, idx, shape, x_shape, k, s, p):
+def _as_index(name, idx, shape, x_shape, k, s, p, check=True):
     """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted).
 
     Host indices are checked on the host, before any cast: each must name a cell of its own window, as
@@ -96,19 +96,22 @@ def _as_index(name, idx, shape, x_shape, k, s, p):
     if not np.issubdtype(host.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer index array (int32, from max_pool2d), got dtype {host.dtype.name}")
     check_shape(name, host, shape)
-    _check_in_windows(name, host, x_shape, k, s, p)
+    _check_in_windows(name, host, x_shape, k, s, p, windows=check)
     host = np.ascontiguousarray(host, dtype=INDEX)
     return to_device(host) if _backend.uses_kernels() else host
 
 
-def _check_in_windows(name, idx, x_shape, k, s, p):
-    """Every idx[n, c, i, j] = h*W + w names a real cell of output (i, j)'s window."""
+def _check_in_windows(name, idx, x_shape, k, s, p, windows=True):
+    """Every idx[n, c, i, j] = h*W + w lies in [0, H*W) (always: two cheap passes, before the int32 cast),
+    and names a real cell of output (i, j)'s window (when ``windows``)."""
     h, w = x_shape[2:]
     if idx.size == 0:
         return
     if idx.min() < 0 or idx.max() >= h * w:
         bad = idx[(idx < 0) | (idx >= h * w)].flat[0]
         raise ValueError(f"{name}: indices must lie in [0, H*W) = [0, {h * w}), found {int(bad)}")
+    if not windows:
+        return
     i64 = idx.astype(np.int64)
     rows, cols = i64 // w, i64 % w
     r0 = (np.arange(idx.shape[2]) * s[0] - p[0])[:, None]
@@ -243,7 +246,8 @@ def max_pool2d(x, kernel_size=2, stride=None, padding=0, *, out=None):
     return result(y, on_host), result(idx, on_host)
 
 
-def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0, *, out=None, version=None):
+def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0, *, out=None, version=None,
+                        check_idx=True):
     """Gradient of :func:`max_pool2d`: dx (x_shape) with every dy added at its argmax idx.
 
     dy: (N, C, Ho, Wo) float; idx: (N, C, Ho, Wo) int32 from max_pool2d with the same kernel_size,
@@ -251,7 +255,10 @@ def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0,
     routes; summed where overlapping windows, stride < kernel, share a maximum). ``out``: a preallocated
     float32 array of x_shape (no allocation). ``version`` picks the backward kernel on cuda/sim
     (``gpu_cnn.kernels.pool.VERSIONS``: ``gather``, the deterministic default, or ``atomic``); ignored on
-    cpu. Host float64 input is computed in float32.
+    cpu. Host float64 input is computed in float32. Host ``idx`` are checked to name a cell of their own
+    window (every backend then computes the same dx); ``check_idx=False`` skips the window pass (the
+    range check stays), for idx straight from max_pool2d (as nn.MaxPool2d passes them). Device idx are
+    never checked.
     """
     check_version(version, BACKWARD_VERSIONS, "max-pool backward")
     k, s, p = _params(kernel_size, stride, padding)
@@ -259,7 +266,7 @@ def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0,
     out_shape = _out_shape(x_shape, k, s, p)
     dy, on_host = as_input("dy", dy, 4, _LAYOUT)
     check_shape("dy", dy, out_shape)
-    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p)
+    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check=check_idx)
     dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
 
     if not _backend.uses_kernels():

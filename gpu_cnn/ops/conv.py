@@ -66,9 +66,13 @@ def _check_version(version):
     check_version(version, VERSIONS, "conv2d")
 
 
-def _check_dims(name, a):
-    if min(a.shape) < 1:
-        raise ValueError(f"{name}: expected every dimension >= 1, got shape {tuple(a.shape)}")
+def _check_dims(name, a, batch=False):
+    """Every dimension >= 1; with ``batch``, the first (N) may be 0: an empty batch gives an empty
+    output and zero weight gradients, as in every op that takes a batch (softmax cross-entropy excepted)."""
+    dims = tuple(a.shape[1:]) if batch else tuple(a.shape)
+    if min(dims) < 1:
+        what = "every dimension but the batch" if batch else "every dimension"
+        raise ValueError(f"{name}: expected {what} >= 1, got shape {tuple(a.shape)}")
 
 
 def _geometry(x_shape, w_shape, s, p):
@@ -220,7 +224,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
     p = pair("padding", padding, 0)
     x, on_host = as_input("x", x, 4, _X_LAYOUT)
     w, _ = as_input("w", w, 4, _W_LAYOUT)
-    _check_dims("x", x)
+    _check_dims("x", x, batch=True)
     _check_dims("w", w)
     out_shape = _geometry(tuple(x.shape), tuple(w.shape), s, p)
     if b is not None:
@@ -253,7 +257,7 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bi
     dy, on_host = as_input("dy", dy, 4, _DY_LAYOUT)
     x, _ = as_input("x", x, 4, _X_LAYOUT)
     w, _ = as_input("w", w, 4, _W_LAYOUT)
-    _check_dims("x", x)
+    _check_dims("x", x, batch=True)
     _check_dims("w", w)
     out_shape = _geometry(tuple(x.shape), tuple(w.shape), s, p)
     if tuple(dy.shape) != out_shape:

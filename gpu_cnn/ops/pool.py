@@ -68,8 +68,8 @@ def _x_shape(x_shape):
             isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x_shape)):
         raise TypeError(f"x_shape: expected the input shape (N, C, H, W) as 4 ints, got {x_shape!r}")
     x_shape = tuple(int(v) for v in x_shape)
-    if min(x_shape) < 1:
-        raise ValueError(f"x_shape: every dimension must be >= 1, got {x_shape}")
+    if x_shape[0] < 0 or min(x_shape[1:]) < 1:  # an empty batch (N = 0), as max_pool2d accepts
+        raise ValueError(f"x_shape: every dimension must be >= 1 (N may be 0), got {x_shape}")
     return x_shape
 
 
@@ -202,6 +202,8 @@ def _cpu_forward(x, k, s, p, y, idx):
 def _cpu_backward(dy, idx, dx, k, s):
     n, c, h, w = dx.shape
     plane = h * w  # idx was checked against the windows in _as_index
+    if dx.size == 0:
+        return
     flat = ((np.arange(n * c, dtype=np.intp) * plane)[:, None] + idx.reshape(n * c, -1)).reshape(-1)
     dx.fill(0)
     if s[0] >= k[0] and s[1] >= k[1]:  # windows cannot overlap: each input receives at most one dy

@@ -250,3 +250,11 @@ def test_out_that_cannot_be_written_is_named(backend, rng):
         match = "out: device arrays must be C-contiguous"
     with pytest.raises(ValueError, match=match):
         relu(x, out=out)
+
+
+def test_zero_dimensional_input_keeps_its_shape(backend):
+    y = relu(np.float32(-1.5))
+    assert y.shape == () and y == 0
+    assert relu(np.array(2.5)).shape == () and relu(np.array(2.5)) == np.float32(2.5)
+    dx = relu_backward(np.float32(3.0), np.float32(1.0))
+    assert dx.shape == () and dx == 3

@@ -88,7 +88,7 @@ def as_input(name, a, ndim=None, layout=""):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {host.dtype.name}")
     if ndim is not None:
         check_rank(name, host, ndim, layout)
-    host = np.ascontiguousarray(host, dtype=FLOAT)
+    host = np.require(host, dtype=FLOAT, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
     if _backend.uses_kernels():
         return to_device(host), True
     return host, True

@@ -139,13 +139,9 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
-    def expected_rank(self):
-        """(ndim, layout) of the batch this module takes, or None when any rank goes."""
-        return self.input_rank
-
     def check_input(self, x, name="x", hint=""):
         """Raise a clear ValueError naming `name` when `x` (anything with .shape) has the wrong rank."""
-        rank = self.expected_rank()
+        rank = self.input_rank
         if rank is not None and len(x.shape) != rank[0]:
             raise ValueError(f"{name}: expected a {rank[0]}-D batch {rank[1]}, got shape {_shape_of(x)}{hint}")
 
@@ -161,7 +157,9 @@ class Module:
         if self._y_shape is None:
             raise RuntimeError(f"{type(self).__name__}: backward() called before forward() "
                                "(or after a forward that failed)")
-        if not _base.is_device_array(dy):
+        if _base.is_device_array(dy):
+            dy = _base._as_cuda_array(dy)  # CuPy or PyTorch too: their dtypes are not NumPy's
+        else:
             dy = _host_array("dy", dy)
         if not np.issubdtype(np.dtype(dy.dtype), np.floating):
             raise TypeError(f"dy: expected a floating-point array, got {_kind_of(dy)}")
@@ -351,9 +349,6 @@ class MaxPool2d(Module):
 class Flatten(Module):
     """(N, C, H, W) -> (N, C*H*W), a view. Any batch of at least 2 dimensions."""
 
-    def expected_rank(self):
-        return None  # checked in check_input: any rank >= 2
-
     def check_input(self, x, name="x", hint=""):
         if len(x.shape) < 2:
             raise ValueError(f"{name}: expected a batch of at least 2 dimensions (N, ...), "
@@ -467,35 +462,17 @@ class Sequential(Module):
                 "call model.to_backend() to move it"
             )
 
-    def expected_rank(self):
-        """The rank the first layer that cares about it (not ReLU) takes."""
-        for layer in self.layers:
-            if isinstance(layer, Flatten):
-                return None
-            rank = layer.expected_rank()
-            if rank is not None:
-                return rank
-        return None
-
-    def check_input(self, x, name="x", hint=""):
-        for layer in self.layers:
-            if isinstance(layer, Flatten) or layer.expected_rank() is not None:
-                layer.check_input(x, name, hint)
-                return
-
     def forward(self, x):
         """Logits for a batch x (N, C, H, W) (or whatever rank the first layer takes); a host batch
         gives host logits, a device batch device logits."""
         self._check_backend()
         self._y_shape = None
-        if _base.is_device_array(x):
+        if _base.is_device_array(x):  # each layer checks the rank of its own input
             h, self._host_io = _base.as_input("x", x)[0], False
-            self.check_input(h)
         else:
             host = _host_array("x", x)
             if not np.issubdtype(host.dtype, np.floating):
                 raise TypeError(f"x: expected a floating-point batch, got dtype {host.dtype.name}")
-            self.check_input(host)
             h, self._host_io = self.staging.to_backend("input", host), True
         for i, layer in enumerate(self.layers):
             layer.needs_input_grad = i > 0 or self.requires_input_grad

@@ -22,8 +22,9 @@ class TrainingError(RuntimeError):
 
 
 def _arrays(data, name):
-    """(images float NCHW, labels int) from a gpu_cnn.data.Dataset or an (images, labels) pair, checked:
-    a 4-D batch of finite floats, 1-D integer labels, one label an image."""
+    """(images float, labels int) from a gpu_cnn.data.Dataset or an (images, labels) pair, checked: a
+    batch (N, ...) of finite floats (the model says which shape it takes), 1-D integer labels, one
+    label an image."""
     if hasattr(data, "images") and hasattr(data, "labels"):
         x, y = data.images, data.labels
     elif isinstance(data, (tuple, list)) and len(data) == 2:
@@ -33,8 +34,8 @@ def _arrays(data, name):
     x, y = np.asarray(x), np.asarray(y)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name}: images must be floating point, got {x.dtype}")
-    if x.ndim != 4:
-        raise ValueError(f"{name}: images must be a 4-D batch (N, C, H, W), got shape {x.shape}")
+    if x.ndim < 2:
+        raise ValueError(f"{name}: images must be a batch (N, ...) such as (N, C, H, W), got shape {x.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"{name}: labels must be integer class ids, got {y.dtype}")
     if y.ndim != 1:
@@ -80,10 +81,13 @@ class Trainer:
         if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split: expected a fraction in [0, 1), got {val_split!r}")
         seed = None if seed is None else _int("seed", seed, 0)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None:  # its folder may not exist yet (save makes it), but must be makeable
             folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint_path)))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise ValueError(f"checkpoint_path: {folder} is not a writable folder")
+            existing = folder
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+                raise ValueError(f"checkpoint_path: cannot write to {folder} ({existing} is not a writable folder)")
         self.model, self.batch_size, self.seed = model, batch_size, seed
         self.val_split = float(val_split)
         self.progress = progress
@@ -120,10 +124,10 @@ class Trainer:
         if _base.is_device_array(y):
             if not _backend.uses_kernels():
                 raise TypeError("y: a device array needs the cuda (or sim) backend; on cpu pass a NumPy array")
-            if np.dtype(y.dtype) != np.int32 or len(y.shape) != 1:
-                raise TypeError(f"y: a device label array must be 1-D int32, got {np.dtype(y.dtype).name} "
-                                f"of shape {tuple(y.shape)}")
-            dev = _base._as_cuda_array(y)  # Numba, CuPy or PyTorch alike
+            dev = _base._as_cuda_array(y)  # Numba, CuPy or PyTorch alike (their dtypes are not NumPy's)
+            if np.dtype(dev.dtype) != np.int32 or len(dev.shape) != 1:
+                raise TypeError(f"y: a device label array must be 1-D int32, got {np.dtype(dev.dtype).name} "
+                                f"of shape {tuple(dev.shape)}")
             return dev, dev.copy_to_host()  # host labels: 4 bytes an image, for the accuracy
         y = np.asarray(y)
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -245,11 +249,16 @@ class Trainer:
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"x: images must be floating point, got {x.dtype}")
-        if x.ndim != 4:
-            raise ValueError(f"x: expected a 4-D batch (N, C, H, W) (one image: x[None]), got shape {x.shape}")
+        if x.ndim < 2:
+            raise ValueError(f"x: expected a batch of images (N, ...) (one image: x[None]), got shape {x.shape}")
+        try:
+            classes = int(np.prod(self.model.output_shape(x.shape[1:])))
+        except ValueError as exc:
+            raise ValueError(f"x: images of shape {x.shape[1:]} do not fit the model (one image: x[None]): "
+                             f"{exc}") from None
         x = x.astype(np.float32, copy=False)
         if x.shape[0] == 0:
-            return np.zeros((0, int(np.prod(self.model.output_shape(x.shape[1:])))), np.float32)
+            return np.zeros((0, classes), np.float32)
         out = []
         for start in range(0, x.shape[0], self.batch_size):
             logits = _host(self.model.forward(self.staging.to_backend("x", x[start:start + self.batch_size])))

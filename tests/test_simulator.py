@@ -1,19 +1,20 @@
 """The CUDA simulator as the suite runs it: shared arrays are shared by every thread of a block.
 
 numba-cuda 0.30.4's simulator creates a block's shared array on first use without a lock, so two
-threads arriving together could each get their own (gpu_cnn.kernels._common works around it). This
-kernel makes every thread write its own slot of a shared array, then checks that thread 0 sees them
-all. (On a GPU it holds by construction; the test runs there too.)
+threads arriving together could each get their own (gpu_cnn.kernels._common works around it). Here the
+allocation is made slow on purpose (a sleep lets the other threads run), which turns the rare race into
+a certain one without the workaround. On a GPU the kernel runs as it is and the property holds by
+construction.
 """
 import importlib
-import sys
+import time
 
 import numpy as np
-from numba import cuda, int64  # after conftest chose the backend (the simulator is fixed on import)
+from numba import config, cuda, int64  # after conftest chose the backend (the simulator is fixed on import)
 
-importlib.import_module("gpu_cnn.kernels._common")  # installs the workaround under the simulator
+_common = importlib.import_module("gpu_cnn.kernels._common")  # installs the workaround under the simulator
 
-THREADS = 256
+THREADS = 64
 
 
 @cuda.jit
@@ -31,13 +32,25 @@ def gather_ids(out):
         out[0] = total
 
 
-def test_every_thread_of_a_block_shares_one_shared_array(kernel_backend):
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # simulator threads switch often: without the workaround most launches fail
-    try:
-        out = cuda.device_array(1, np.int64)
-        for _ in range(25):  # every launch allocates the shared arrays anew
-            gather_ids[1, THREADS](out)
-            assert out.copy_to_host()[0] == 3 * THREADS * (THREADS + 1) // 2
-    finally:
-        sys.setswitchinterval(old)
+class _SlowEmpty:
+    """numpy, except that np.empty sleeps first: a thread allocating a shared array hands over the GIL."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        time.sleep(1e-3)
+        return np.empty(*args, **kwargs)
+
+
+def test_every_thread_of_a_block_shares_one_shared_array(kernel_backend, monkeypatch):
+    if config.ENABLE_CUDASIM:
+        from numba.cuda.simulator import kernelapi
+
+        monkeypatch.setattr(kernelapi, "np", _SlowEmpty())  # the simulator's own allocation
+        monkeypatch.setattr(_common, "np", _SlowEmpty())  # the workaround's
+    out = cuda.device_array(1, np.int64)
+    for _ in range(3):  # every launch allocates the shared arrays anew
+        gather_ids[1, THREADS](out)
+        assert out.copy_to_host()[0] == 3 * THREADS * (THREADS + 1) // 2

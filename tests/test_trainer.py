@@ -115,7 +115,7 @@ def test_bad_data_is_refused_before_the_first_step(cpu_backend, digits, tmp_path
     bad[-1] = 12  # found only in the last batch if checked per batch
     with pytest.raises(ValueError, match=r"train_data: class ids must be in \[0, 10\).*found 12"):
         trainer.fit((x, bad))
-    with pytest.raises(ValueError, match=r"val_data: images must be a 4-D batch"):
+    with pytest.raises(ValueError, match=r"val_data: images of shape \(8, 8\) do not fit the model"):
         trainer.fit((x, y), val_data=(x[:, 0], y))
     with pytest.raises(ValueError, match=r"train_data: images of shape \(1, 6, 6\) do not fit the model"):
         trainer.fit((x[:, :, :6, :6].copy(), y))
@@ -127,8 +127,10 @@ def test_bad_data_is_refused_before_the_first_step(cpu_backend, digits, tmp_path
         trainer.fit((x, y[:, None]))
     with pytest.raises(ValueError, match="val_split: 0.5 of 1 samples leaves no training data"):
         Trainer(model, val_split=0.5, progress=False).fit((x[:1], y[:1]))
-    with pytest.raises(ValueError, match="checkpoint_path: .* is not a writable folder"):
-        Trainer(model, checkpoint_path=str(tmp_path / "missing" / "model.npz"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_path: cannot write to .*file is not a writable folder"):
+        Trainer(model, checkpoint_path=str(tmp_path / "file" / "model.npz"))
+    Trainer(model, checkpoint_path=str(tmp_path / "new" / "run" / "model.npz"))  # folders save will make
     assert trainer.history == [] and trainer.optimizer.step_count == 0
     for k, v in before.items():
         np.testing.assert_array_equal(model.state_dict()[k], v)  # not one step was taken
@@ -187,7 +189,7 @@ def test_predict_shapes(cpu_backend, digits):
     assert t.predict(x[:0]).shape == (0, 10)
     p = t.predict(x)
     np.testing.assert_allclose(t.predict(x[1][None])[0], p[1], rtol=1e-5, atol=1e-8)  # batch-1 BLAS rounding
-    with pytest.raises(ValueError, match=r"x: expected a 4-D batch.*x\[None\]"):
+    with pytest.raises(ValueError, match=r"x: images of shape \(8, 8\) do not fit the model \(one image: x\[None\]\)"):
         t.predict(x[1])
     with pytest.raises(TypeError, match="x: images must be floating point"):
         t.predict(x.astype(int))
@@ -237,3 +239,19 @@ def test_device_batch_errors_are_clear(kernel_backend, rng):
     cpu_trainer = Trainer(_tiny_model(), optimizer="sgd", lr=0.1, batch_size=2, progress=False)
     with pytest.raises(TypeError, match="x: a device array needs the cuda"):
         cpu_trainer.train_step(cuda.to_device(x), np.array([1, 2]))
+
+
+def test_models_that_take_flat_input_train_too(cpu_backend, digits):
+    """The Trainer asks the model which input it takes: an MLP on flattened images trains, evaluates, predicts."""
+    from gpu_cnn import nn
+
+    x, y = _small(digits)
+    flat = x.reshape(len(x), -1)
+    nn.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    t = Trainer(mlp, optimizer="adam", lr=1e-2, batch_size=16, progress=False)
+    history = t.fit((flat, y), epochs=3)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert t.evaluate((flat, y))["n"] == len(y) and t.predict(flat[:3]).shape == (3, 10)
+    with pytest.raises(ValueError, match=r"train_data: images of shape \(1, 8, 8\) do not fit the model"):
+        t.fit((x, y))

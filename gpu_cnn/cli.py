@@ -205,15 +205,9 @@ def cmd_train(args):
     ckpt = os.path.join(args.out, "model.npz")
     meta = {"dataset": args.dataset, "model": model_name, "input_shape": list(input_shape),
             "num_classes": int(train.num_classes), "normalization": _norm(train)}
-    created = not os.path.isdir(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        trainer = Trainer(model, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                          progress=False if args.quiet else None, checkpoint_path=ckpt, metadata=meta)
-    except BaseException:
-        if created:
-            os.rmdir(args.out)  # the folder is still empty: leave nothing behind
-        raise
+    trainer = Trainer(model, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      progress=False if args.quiet else None, checkpoint_path=ckpt, metadata=meta)
+    os.makedirs(args.out, exist_ok=True)  # only now: a refused run leaves no folder behind
     print(f"training {model_name} on {args.dataset} ({len(train.labels)} train / {len(test.labels)} test images) "
           f"with {args.optimizer}, lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, backend {backend}")
     t0 = time.perf_counter()

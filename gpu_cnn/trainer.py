@@ -119,7 +119,7 @@ class Trainer:
             return x  # the first layer validates dtype, layout and shape
         return self.staging.to_backend("x", x)
 
-    def _labels(self, y):
+    def _labels(self, y, classes):
         """(labels on the backend as int32, labels on the host) from host ints or a device int32 array."""
         if _base.is_device_array(y):
             if not _backend.uses_kernels():
@@ -132,10 +132,12 @@ class Trainer:
         y = np.asarray(y)
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
             raise TypeError(f"y: expected 1-D integer class ids, got {y.dtype.name} of shape {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= classes):  # before the int32 cast, which could wrap
+            raise ValueError(f"y: class ids must be in [0, {classes}), found {int(y.min() if y.min() < 0 else y.max())}")
         return self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32), y
 
     def _loss(self, logits, y):
-        labels, y_host = self._labels(y)
+        labels, y_host = self._labels(y, logits.shape[1])
         probs = self.ws.get("probs", logits.shape)
         loss, probs = F.softmax_cross_entropy(logits, labels, out=probs)
         return float(loss), probs, labels, y_host

@@ -338,8 +338,8 @@ def _check_forward(x, w, b, y, stride, padding):
     check_device_array("y", y, shape=out_shape)
     if b is not None:
         check_device_array("b", b, shape=(out_shape[1],))
-    if 0 in out_shape:  # nothing to compute (and a GPU refuses a grid of 0 blocks)
-        return out_shape, None, 0
+    if 0 in out_shape:  # no y[0, 0, 0] to stand in for a missing bias; the launchers return at once
+        return out_shape, b, int(b is not None)
     # no bias: a 1-D view of y (no allocation) stands in for it; the kernel never reads it
     bias_arg = b if b is not None else y[0, 0, 0]
     return out_shape, bias_arg, int(b is not None)
@@ -348,7 +348,7 @@ def _check_forward(x, w, b, y, stride, padding):
 def conv2d_forward_naive(x, w, b, y, stride, padding):
     """y = conv(x, w) + b, one thread per output element. b may be None."""
     out_shape, bias_arg, has_bias = _check_forward(x, w, b, y, stride, padding)
-    if bias_arg is None:
+    if 0 in out_shape:  # nothing to compute (and a GPU refuses a grid of 0 blocks)
         return y
     blocks, threads = grid_1d(int(np.prod(out_shape)))
     conv2d_forward_naive_kernel[blocks, threads](x, w, bias_arg, y, has_bias, *_params(stride, padding))
@@ -364,7 +364,7 @@ def conv2d_forward_tiled(x, w, b, y, stride, padding):
     if stride[0] > MAX_STRIDE or stride[1] > MAX_STRIDE:
         raise ValueError(f"stride: the tiled kernel supports strides up to {MAX_STRIDE}, got "
                          f"{tuple(stride)}; use version='naive'")
-    if bias_arg is None:
+    if 0 in out_shape:  # nothing to compute (and a GPU refuses a grid of 0 blocks)
         return y
     n, o, ho, wo = out_shape
     blocks = n * o * ceil_div(ho, TILE_H) * ceil_div(wo, TILE_W)

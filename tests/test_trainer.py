@@ -255,3 +255,13 @@ def test_models_that_take_flat_input_train_too(cpu_backend, digits):
     assert t.evaluate((flat, y))["n"] == len(y) and t.predict(flat[:3]).shape == (3, 10)
     with pytest.raises(ValueError, match=r"train_data: images of shape \(1, 8, 8\) do not fit the model"):
         t.fit((x, y))
+
+
+def test_train_step_checks_host_labels_before_the_int32_cast(cpu_backend, digits):
+    x, _ = _small(digits, 2)
+    t = Trainer(models.digits_cnn(seed=0), progress=False)
+    with pytest.raises(ValueError, match=r"y: class ids must be in \[0, 10\), found 4294967297"):
+        t.train_step(x, np.array([2**32 + 1, 0]))  # int32 would wrap it to class 1
+    with pytest.raises(ValueError, match="found -1"):
+        t.train_step(x, np.array([-1, 0]))
+    assert t.optimizer.step_count == 0

@@ -73,7 +73,7 @@ def _x_shape(x_shape):
     return x_shape
 
 
-def _as_index(name, idx, shape, x_shape, k, s, p, check=True):
+def _as_index(name, idx, shape, x_shape, k, s, p, check_windows=True):
     """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted).
 
     Host indices are checked on the host, before any cast: each must name a cell of its own window, as
@@ -96,21 +96,21 @@ def _as_index(name, idx, shape, x_shape, k, s, p, check=True):
     if not np.issubdtype(host.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer index array (int32, from max_pool2d), got dtype {host.dtype.name}")
     check_shape(name, host, shape)
-    _check_in_windows(name, host, x_shape, k, s, p, windows=check)
+    _check_in_windows(name, host, x_shape, k, s, p, check_windows)
     host = np.ascontiguousarray(host, dtype=INDEX)
     return to_device(host) if _backend.uses_kernels() else host
 
 
-def _check_in_windows(name, idx, x_shape, k, s, p, windows=True):
+def _check_in_windows(name, idx, x_shape, k, s, p, check_windows=True):
     """Every idx[n, c, i, j] = h*W + w lies in [0, H*W) (always: two cheap passes, before the int32 cast),
-    and names a real cell of output (i, j)'s window (when ``windows``)."""
+    and names a real cell of output (i, j)'s window (when ``check_windows``)."""
     h, w = x_shape[2:]
     if idx.size == 0:
         return
     if idx.min() < 0 or idx.max() >= h * w:
         bad = idx[(idx < 0) | (idx >= h * w)].flat[0]
         raise ValueError(f"{name}: indices must lie in [0, H*W) = [0, {h * w}), found {int(bad)}")
-    if not windows:
+    if not check_windows:
         return
     i64 = idx.astype(np.int64)
     rows, cols = i64 // w, i64 % w
@@ -268,7 +268,7 @@ def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0,
     out_shape = _out_shape(x_shape, k, s, p)
     dy, on_host = as_input("dy", dy, 4, _LAYOUT)
     check_shape("dy", dy, out_shape)
-    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check=check_idx)
+    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check_windows=check_idx)
     dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
 
     if not _backend.uses_kernels():

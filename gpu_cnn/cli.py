@@ -127,7 +127,7 @@ def cmd_info(args):
     print(f"numpy        {np.__version__}")
     print(f"numba        {numba.__version__}")
     print(f"numba-cuda   {_version('numba-cuda')}")
-    print(f"cupy         {_version('cupy-cuda12x') or _version('cupy') or 'not installed'}")
+    print(f"cupy         {_version('cupy-cuda12x') or _version('cupy-cuda13x') or _version('cupy') or 'not installed'}")
     if gpu_cnn.gpu_available():
         from numba import cuda
 

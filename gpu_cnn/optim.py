@@ -88,9 +88,11 @@ def _pairs(params, on_kernels):
         p, g = arrays
         if tuple(p.shape) != tuple(g.shape):
             raise ValueError(f"params[{i}]: param shape {tuple(p.shape)} and grad shape {tuple(g.shape)} differ")
-        if id(p) in seen:
+        # the same buffer twice would be updated twice a step; an empty one has no address to compare
+        key = (_base.data_address(p), tuple(p.shape)) if p.size else id(p)
+        if key in seen:
             raise ValueError(f"params[{i}]: this param appears more than once")
-        seen.add(id(p))
+        seen.add(key)
         n = int(np.prod(p.shape, dtype=np.int64))
         out.append((p, g, p.reshape(n) if p.ndim != 1 else p, g.reshape(n) if g.ndim != 1 else g))
     return out

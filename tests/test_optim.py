@@ -476,6 +476,10 @@ def test_bad_params_raise_clear_errors(backend):
         SGD([(ok, on_backend(np.zeros(4, np.float32)))], lr=0.1)
     with pytest.raises(ValueError, match=r"params\[1\].*more than once"):
         SGD([(ok, on_backend(np.zeros(3, np.float32))), (ok, on_backend(np.zeros(3, np.float32)))], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\].*more than once"):  # one buffer, two array objects
+        SGD([(ok, on_backend(np.zeros(3, np.float32))), (ok[:], on_backend(np.zeros(3, np.float32)))], lr=0.1)
+    SGD([(ok, on_backend(np.zeros(3, np.float32))), (on_backend(np.zeros(3, np.float32)),
+                                                     on_backend(np.zeros(3, np.float32)))], lr=0.1)  # two buffers
     if backend == "cpu":
         with pytest.raises(TypeError, match=r"params\[0\] grad.*float32"):
             SGD([(ok, np.zeros(3))], lr=0.1)

@@ -179,6 +179,26 @@ def test_device_input_gives_device_probs_and_a_float_loss(kernel_backend, rng):
     np.testing.assert_allclose(probs.copy_to_host(), ref_probs, rtol=1e-5, atol=1e-7)
 
 
+class _TorchLikeLabels:
+    """Stands in for a PyTorch tensor: a CUDA array whose ``dtype`` NumPy cannot read (torch.int32)."""
+
+    dtype = "torch.int32"  # np.dtype("torch.int32") raises TypeError, as np.dtype(torch.int32) does
+    __cuda_array_interface__ = {}
+
+    def __init__(self, dev):
+        self.dev = dev
+
+
+def test_labels_from_a_framework_tensor_use_the_converted_arrays_dtype(kernel_backend, rng, monkeypatch):
+    logits, labels = _problem(rng, 3, 4)
+    convert = _base._as_cuda_array
+    monkeypatch.setattr(_base, "_as_cuda_array", lambda a: a.dev if isinstance(a, _TorchLikeLabels) else convert(a))
+    dev = _base.to_device(labels)
+    assert _base.as_labels("labels", _TorchLikeLabels(dev), 3, 4) is dev  # int32 on the device: used in place
+    loss, _ = softmax_cross_entropy(logits, _TorchLikeLabels(dev))
+    assert loss == pytest.approx(_reference(logits, labels)[0], rel=1e-5)
+
+
 def test_out_makes_no_allocation(kernel_backend, rng):
     logits, labels = _problem(rng, 3, 5)
     z, lab = _base.to_device(logits), _base.to_device(labels)

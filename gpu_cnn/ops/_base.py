@@ -43,6 +43,17 @@ def is_device_array(a):
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
 
+def data_address(a):
+    """Where an array's data starts (host, simulator or device memory), for telling one buffer from two.
+
+    Converted wrappers of the same PyTorch or CuPy tensor are distinct objects, so ``id`` cannot tell."""
+    if type(a).__name__ == "FakeCUDAArray":
+        a = a._ary
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
 def check_version(version, versions, what):
     """None (the default) or one of ``versions``, on every backend: a script tried on cpu, where the
     kernel versions do not apply, must not break on a GPU over a typo."""
@@ -96,8 +107,9 @@ def as_input(name, a, ndim=None, layout=""):
 
 def as_labels(name, labels, n, num_classes):
     """Integer class ids of shape (n,) in [0, num_classes), on the host as int32 (then on the backend)."""
+    dev = None
     if is_device_array(labels):
-        dev = _as_cuda_array(labels)
+        dev = _as_cuda_array(labels)  # read dtypes from the converted array: PyTorch's are not NumPy's
         if not np.issubdtype(np.dtype(dev.dtype), np.integer):
             raise TypeError(f"{name}: expected integer class ids, got dtype {np.dtype(dev.dtype).name}")
         if tuple(dev.shape) != (n,):
@@ -114,8 +126,8 @@ def as_labels(name, labels, n, num_classes):
         raise ValueError(f"{name}: class ids must be in [0, {num_classes}), found {int(bad)}")
     host = np.ascontiguousarray(host, dtype=np.int32)
     if _backend.uses_kernels():
-        if is_device_array(labels) and np.dtype(labels.dtype) == np.int32:
-            return _as_cuda_array(labels)
+        if dev is not None and np.dtype(dev.dtype) == np.int32:
+            return dev
         return to_device(host)
     return host
 

@@ -209,10 +209,10 @@ def device_info(backend):
             info["cuda_driver_api"] = ".".join(map(str, driver.driver.get_version()))
         except Exception:
             info["cuda_driver_api"] = None
-        try:
-            info["cuda_runtime"] = ".".join(map(str, runtime.runtime.get_version()))
+        try:  # numba-cuda's runtime.get_version() reports the toolkit it compiles with (NVRTC's version)
+            info["cuda_toolkit"] = ".".join(map(str, runtime.runtime.get_version()))
         except Exception:
-            info["cuda_runtime"] = None
+            info["cuda_toolkit"] = None
         info["driver"] = _nvidia_smi("driver_version")
         info["nvidia_smi_name"] = _nvidia_smi("name")
         info["cache_bytes"] = info.get("l2_bytes") or 50 * 1024 ** 2

@@ -984,7 +984,7 @@ def markdown_report(record, rows, ceil, info, backend):
     if backend == "cuda":
         lines.append(f"Device: {info.get('name')}, CC {info.get('compute_capability')}, {info.get('sm_count')} SMs, "
                      f"L2 {(info.get('l2_bytes') or 0) / 2**20:.0f} MiB, driver {info.get('driver')}, "
-                     f"CUDA runtime {info.get('cuda_runtime')}, driver API {info.get('cuda_driver_api')}  ")
+                     f"CUDA toolkit (NVRTC) {info.get('cuda_toolkit')}, driver API {info.get('cuda_driver_api')}  ")
     else:
         lines.append(f"CPU: {info.get('cpu')}, {info.get('cpu_count')} logical cores; BLAS threads "
                      f"{ceil.get('blas_threads')}; torch threads {(record.get('vendor') or {}).get('threads')}  ")

@@ -152,9 +152,14 @@ def fill(a, value=0.0):
 
 
 def check_device_array(name, a, shape=None, dtype=np.float32):
-    """Raise a clear error unless `a` is a C-contiguous device array of the given dtype (and shape)."""
-    if not (cuda.is_cuda_array(a) if hasattr(cuda, "is_cuda_array") else hasattr(a, "copy_to_host")):
-        raise TypeError(f"{name}: expected a device array, got {type(a).__name__}")
+    """Raise a clear error unless `a` is a C-contiguous device array of the given dtype (and shape).
+
+    The launchers take Numba's device arrays (the simulator's too). A CuPy or PyTorch array is named as
+    such: its dtype is not NumPy's and it lacks Numba's methods; gpu_cnn.functional wraps them itself."""
+    if not hasattr(a, "copy_to_host"):
+        hint = ("; wrap it with numba.cuda.as_cuda_array(...) first (gpu_cnn.functional does so itself)"
+                if hasattr(a, "__cuda_array_interface__") else "")
+        raise TypeError(f"{name}: expected a device array (Numba's), got {type(a).__name__}{hint}")
     if np.dtype(a.dtype) != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {np.dtype(a.dtype).name}")
     if shape is not None and tuple(a.shape) != tuple(shape):

@@ -218,3 +218,24 @@ def test_helper_kernels_build_for_sm80_and_sm90():
     assert {r["kernel"] for r in res} == set(C.HELPER_SIGNATURES) and len(res) == 2 * len(C.HELPER_SIGNATURES)
     bad = [r for r in res if r["rc"] != 0]
     assert not bad, bad
+
+
+def test_sanitize_lists_kernels_never_launched_and_admits_when_it_cannot_tell(monkeypatch):
+    from benchmarks import sanitize
+    from gpu_cnn.kernels import _common
+
+    class Disp:
+        def __init__(self, overloads, device=False):
+            self.overloads, self.targetoptions = overloads, {"device": device}
+
+    sanitize.never_launched()  # imports every kernel module first, so none registers into the table below
+    table = {"launched": (Disp({"sig": object()}), None, None), "idle": (Disp({}), None, None),
+             "helper": (Disp({}, device=True), None, None)}
+    monkeypatch.setattr(_common, "KERNELS", table)
+    assert sanitize.never_launched() == (["idle"], 3)  # a device function is inlined, never launched
+
+    class Opaque:  # a numba-cuda whose dispatchers keep their overloads elsewhere
+        targetoptions = {}
+
+    monkeypatch.setitem(table, "opaque", (Opaque(), None, None))
+    assert sanitize.never_launched() == (None, 4)

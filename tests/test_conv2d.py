@@ -441,6 +441,14 @@ def test_launchers_reject_bad_arrays(kernel_backend):
         k.conv2d_forward(np.zeros((1, 2, 5, 5), np.float32), w, None, y, (1, 1), (0, 0))
     with pytest.raises(ValueError, match="y: expected shape"):
         k.conv2d_forward(x, w, None, cuda.device_array((1, 3, 4, 3), np.float32), (1, 1), (0, 0))
+
+    class TorchLike:  # a CUDA array that is not Numba's: np.dtype cannot read its dtype, no copy_to_host
+        __cuda_array_interface__ = {}
+        dtype, shape = "torch.float32", (1, 2, 5, 5)
+
+    with pytest.raises(TypeError, match=r"x: expected a device array \(Numba's\), got TorchLike; wrap it with "
+                                        r"numba.cuda.as_cuda_array"):
+        k.conv2d_forward(TorchLike(), w, None, y, (1, 1), (0, 0))
     with pytest.raises(ValueError, match="b: expected shape"):
         k.conv2d_forward(x, w, cuda.device_array(2, np.float32), y, (1, 1), (0, 0), version="naive")
     with pytest.raises(TypeError, match="stride"):

@@ -223,6 +223,34 @@ def test_backward_cpu_matches_reference(cpu_backend, rng, case):
         np.testing.assert_allclose(db, rdb, **tol)
 
 
+@pytest.mark.parametrize("case", ["big-3x4-s21-p12", "lenet1", "1x1"])
+@pytest.mark.parametrize("images_per_slice", [1, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_batch_slices_match_reference(cpu_backend, rng, monkeypatch, case, images_per_slice, with_bias):
+    """The cpu path cuts big batches into slices (cols near _CHUNK_BYTES); force slices of 1 and 3 images
+    (3 leaves a shorter last slice) and check every output, every slice's share of dW and db included."""
+    from gpu_cnn.ops import conv as conv_ops
+
+    n, c, h, w_, o, (kh, kw), s, p, bias = {**CASES, **CPU_CASES}[case]
+    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w_ + 2 * p[1] - kw) // s[1] + 1
+    monkeypatch.setattr(conv_ops, "_CHUNK_BYTES", images_per_slice * c * kh * kw * ho * wo * 4)
+    assert conv_ops._chunk(n, c, kh, kw, ho, wo) == min(n, images_per_slice) and n > images_per_slice
+    x, w, b, s, p, dy = _problem(rng, {**CASES, **CPU_CASES}[case])
+    b = b if with_bias else None
+    rdx, rdw, rdb = _reference()[1](dy, x, w, s, p)
+    y = np.full(dy.shape, np.nan, np.float32)
+    np.testing.assert_allclose(conv2d(x, w, b, s, p, out=y), _reference()[0](x, w, b, s, p), **FWD_TOL)
+    dx, dw = np.full(x.shape, np.nan, np.float32), np.full(w.shape, np.nan, np.float32)
+    db = None if b is None else np.full(b.shape, np.nan, np.float32)
+    conv2d_backward(dy, x, w, s, p, out=(dx, dw, db), bias=b is not None)
+    np.testing.assert_allclose(dx, rdx, **BIG_TOL)
+    np.testing.assert_allclose(dw, rdw, **BIG_TOL)
+    if b is not None:
+        np.testing.assert_allclose(db, rdb, **BIG_TOL)
+    _, dw_only, _ = conv2d_backward(dy, x, w, s, p, need_dx=False, bias=b is not None)
+    np.testing.assert_allclose(dw_only, rdw, **BIG_TOL)
+
+
 def test_stride_gaps_get_zero_gradient(backend, rng):
     # stride 3 with a 2x2 filter: input rows/cols 2, 5, 8 are read by no window, so their dx is 0
     x, w, b, s, p, dy = _problem(rng, (1, 2, 8, 8, 2, (2, 2), (3, 3), (0, 0), False))

@@ -61,7 +61,7 @@ def _pairs(params, on_kernels):
     if not params:
         raise ValueError("params: got an empty list; the optimizer needs at least one (param, grad) pair")
     where = _backend.get_backend()
-    seen = set()
+    seen = []  # (index, (first byte, end)) of each non-empty param
     out = []
     for i, item in enumerate(params):
         if hasattr(item, "data") and hasattr(item, "grad") and not isinstance(item, (tuple, list)):
@@ -88,12 +88,15 @@ def _pairs(params, on_kernels):
         p, g = arrays
         if tuple(p.shape) != tuple(g.shape):
             raise ValueError(f"params[{i}]: param shape {tuple(p.shape)} and grad shape {tuple(g.shape)} differ")
-        # the same buffer twice would be updated twice a step; an empty one has no address to compare
-        key = (_base.data_address(p), tuple(p.shape)) if p.size else id(p)
-        if key in seen:
-            raise ValueError(f"params[{i}]: this param appears more than once")
-        seen.add(key)
         n = int(np.prod(p.shape, dtype=np.int64))
+        if n:  # memory shared with an earlier param (the same one, a reshape, a view) would be updated twice
+            start = _base.data_address(p)
+            span = (start, start + n * _base.FLOAT().itemsize)
+            for j, (lo, hi) in seen:
+                if span[0] < hi and lo < span[1]:
+                    raise ValueError(f"params[{i}]: this param appears more than once (its memory overlaps "
+                                     f"params[{j}]'s), so a step would update it twice")
+            seen.append((i, span))
         out.append((p, g, p.reshape(n) if p.ndim != 1 else p, g.reshape(n) if g.ndim != 1 else g))
     return out
 

@@ -132,8 +132,9 @@ class Trainer:
         y = np.asarray(y)
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
             raise TypeError(f"y: expected 1-D integer class ids, got {y.dtype.name} of shape {y.shape}")
-        if y.size and (y.min() < 0 or y.max() >= classes):  # before the int32 cast, which could wrap
-            raise ValueError(f"y: class ids must be in [0, {classes}), found {int(y.min() if y.min() < 0 else y.max())}")
+        lo, hi = (int(y.min()), int(y.max())) if y.size else (0, 0)
+        if lo < 0 or hi >= classes:  # checked before the int32 cast, which could wrap
+            raise ValueError(f"y: class ids must be in [0, {classes}), found {lo if lo < 0 else hi}")
         return self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32), y
 
     def _loss(self, logits, y):

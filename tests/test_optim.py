@@ -478,6 +478,15 @@ def test_bad_params_raise_clear_errors(backend):
         SGD([(ok, on_backend(np.zeros(3, np.float32))), (ok, on_backend(np.zeros(3, np.float32)))], lr=0.1)
     with pytest.raises(ValueError, match=r"params\[1\].*more than once"):  # one buffer, two array objects
         SGD([(ok, on_backend(np.zeros(3, np.float32))), (ok[:], on_backend(np.zeros(3, np.float32)))], lr=0.1)
+    six = on_backend(np.zeros(6, np.float32))
+    with pytest.raises(ValueError, match=r"params\[1\].*more than once \(its memory overlaps params\[0\]'s\)"):
+        SGD([(six, on_backend(np.zeros(6, np.float32))),
+             (six.reshape(2, 3), on_backend(np.zeros((2, 3), np.float32)))], lr=0.1)  # another shape
+    with pytest.raises(ValueError, match=r"params\[2\].*overlaps params\[1\]'s"):
+        SGD([(ok, on_backend(np.zeros(3, np.float32))), (six[0:4], on_backend(np.zeros(4, np.float32))),
+             (six[2:6], on_backend(np.zeros(4, np.float32)))], lr=0.1)  # two views sharing six[2:4]
+    SGD([(six[0:3], on_backend(np.zeros(3, np.float32))), (six[3:6], on_backend(np.zeros(3, np.float32)))],
+        lr=0.1)  # adjacent, not overlapping
     SGD([(ok, on_backend(np.zeros(3, np.float32))), (on_backend(np.zeros(3, np.float32)),
                                                      on_backend(np.zeros(3, np.float32)))], lr=0.1)  # two buffers
     if backend == "cpu":

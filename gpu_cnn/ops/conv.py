@@ -3,16 +3,18 @@
     y[n, o, ho, wo] = b[o] + Σ_{c, i, j} x[n, c, ho*sh - ph + i, wo*sw - pw + j] * w[o, c, i, j]
     Ho = (H + 2*ph - kH) // sh + 1,  Wo = (W + 2*pw - kW) // sw + 1   (zero padding, stride per axis)
 
-cpu: im2col + one BLAS GEMM per gradient, no Python loop over elements or the batch (the only loops
-run over channels or filter taps). Everything runs "batch-last": x is copied once into a zero-bordered
-(C, H + 2ph, W + 2pw, N) buffer,
+cpu: im2col + one BLAS GEMM per gradient and slice of the batch, no Python loop over elements (the
+other loops run over channels or filter taps). The batch goes in slices whose largest buffer stays near
+_CHUNK_BYTES (4 MiB; see ``_chunk``): whole batches of 512 outgrew the caches. Within a slice everything
+runs "batch-last": x is copied once into a zero-bordered (C, H + 2ph, W + 2pw, N) buffer,
 ``sliding_window_view`` gives every window as a view, and ONE copy lays the windows out as the
 (C*kH*kW, Ho*Wo*N) matrix "cols" (the copy moves runs of Wo*N contiguous floats; with NCHW buffers the
 runs are Wo floats, 10 in LeNet's second conv, and the per-run overhead dominated):
 
     forward   y  = w (O, C*kH*kW) · cols        -> (O, Ho, Wo, N), copied to NCHW with the bias added
-    dW        dw = dy (O, Ho*Wo*N) · colsᵀ      (cols rebuilt from x: the op keeps no state)
-    db        db = Σ over (Ho, Wo, N) of dy
+    dW        dw = (cols · dyᵀ)ᵀ, dy as (O, Ho*Wo*N)   (cols rebuilt from x: the op keeps no state;
+              BLAS runs the long reduction faster this way round; the slices' dw are summed)
+    db        db = Σ over (Ho, Wo, N) of dy  (summed over the slices)
     dX        col2im: dcols = wᵀ · dy (same shape as cols), then the kH*kW taps are added into a
               (C, Hp, Wp, N) buffer (a loop over the TAPS, each a vectorized add of Wo*N-long runs),
               cropped to the unpadded input and copied to NCHW.
@@ -27,7 +29,7 @@ floats through one side for every element; per channel the working set stays in 
 instead of ~1.5 ms for LeNet's first conv output).
 
 LeNet-5 at batch 128 on a 2-core AMD EPYC VM (OpenBLAS, 2 threads, machine shared with other jobs;
-best / median of 50 calls): conv 1x28x28 -> 6, 5x5, pad 2: forward ~3.6 / 4.0 ms, backward without
+best / median of 50 calls; measured before the slicing, which leaves batch 128 about as it was): conv 1x28x28 -> 6, 5x5, pad 2: forward ~3.6 / 4.0 ms, backward without
 dX (first layer) ~3.4 / 3.9 ms; conv 6x14x14 -> 16, 5x5: forward ~1.7 / 1.8 ms, backward with dX
 ~3.6 / 4.1 ms. Together ~13 ms per training step for the two conv layers.
 
@@ -103,7 +105,8 @@ _local = threading.local()
 # (a LeNet-5 training step at batch 512 keeps 24 buffers, ~18 MB: each conv's slices of two sizes).
 _SCRATCH_ENTRIES = 64
 _SCRATCH_BYTES = 256 * 2**20
-_CHUNK_BYTES = 4 * 2**20  # cols of one slice of the batch (see _chunk): the best of 2, 4, 8, 16 MiB here
+_CHUNK_BYTES = 4 * 2**20  # a slice's largest buffer (see _chunk): the best of 2, 4, 8, 16 MiB here
+_MIN_SLICE_COLUMNS = 4096  # a slice's Ho*Wo*N at the least (see _chunk): the best of 1024, 2048, 4096 here
 
 
 def _scratch(tag, shape):
@@ -168,17 +171,22 @@ def _cols(x, kh, kw, s, p, out_hw):
     return cols.reshape(c * kh * kw, ho * wo * n)
 
 
-def _chunk(n, c, kh, kw, ho, wo):
+def _chunk(n, c, kh, kw, ho, wo, o, hp, wp):
     """Images per pass: whole batches make cols and the transposed copies outgrow the caches (LeNet-5's
-    first conv ran ~2× slower per image at batch 512 than at 128), so the batch goes in slices whose cols
-    stay near _CHUNK_BYTES (a LeNet-5 step at batch 512: 65 -> 48 ms on 2 EPYC cores; 128 unchanged)."""
-    per_image = c * kh * kw * ho * wo * 4
-    return max(1, min(n, _CHUNK_BYTES // max(per_image, 1)))
+    first conv ran ~2× slower per image at batch 512 than at 128), so the batch goes in slices whose
+    largest buffer (cols, the output before its NCHW copy, or the padded input) stays near _CHUNK_BYTES
+    (a LeNet-5 step at batch 512: 65 -> 48 ms on 2 EPYC cores; 128 unchanged). But each slice also pays
+    for a whole (C*kH*kW, O) dW product and its sum, and BLAS wants long rows: a slice keeps at least
+    _MIN_SLICE_COLUMNS output positions (512 -> 512 channels, 3×3 on 7×7 images, got slices of 4 images
+    without it, and its backward ran 2.3× slower than whole batches; with it, as fast)."""
+    per_image = 4 * max(c * kh * kw * ho * wo, o * ho * wo, c * hp * wp)
+    nb = max(_CHUNK_BYTES // max(per_image, 1), -(-_MIN_SLICE_COLUMNS // max(ho * wo, 1)))
+    return max(1, min(n, nb))
 
 
 def _cpu_forward(x, w, b, s, p, y):
     n, o, ho, wo = y.shape
-    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo)
+    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo, o, x.shape[2] + 2 * p[0], x.shape[3] + 2 * p[1])
     for i in range(0, n, nb):  # slices along N of C-contiguous arrays stay C-contiguous
         _cpu_forward_slice(x[i:i + nb], w, b, s, p, y[i:i + nb])
 
@@ -194,7 +202,7 @@ def _cpu_forward_slice(x, w, b, s, p, y):
 
 def _cpu_backward(dy, x, w, s, p, dx, dw, db):
     n, o, ho, wo = dy.shape
-    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo)
+    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo, o, x.shape[2] + 2 * p[0], x.shape[3] + 2 * p[1])
     if nb >= n:
         return _cpu_backward_slice(dy, x, w, s, p, dx, dw, db)
     dw_part = _scratch("dw_part", w.shape)

@@ -3,7 +3,12 @@ device functions every kernel needs (flat-index unravelling, block-wide tree red
 
 Every kernel is declared with :func:`kernel`, which keeps it lazy (``@cuda.jit`` without a signature,
 so importing works without a GPU) and records the signature the compile check builds it with.
+
+With ``GPU_CNN_KERNEL_CACHE=1`` in the environment (``benchmarks/run_gpu.sh`` sets it, with a fresh
+``NUMBA_CACHE_DIR`` per run) the kernels and device functions are compiled with Numba's on-disk cache,
+so the benchmark, test and sanitizer processes of one GPU run compile each kernel once, not once each.
 """
+import os
 import sys
 import threading
 
@@ -51,6 +56,9 @@ _thread_safe_simulator_shared_arrays()
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}
 
+# Numba's on-disk kernel cache, when asked for (see the module docstring); the simulator has none.
+DISK_CACHE = os.environ.get("GPU_CNN_KERNEL_CACHE", "").strip() == "1" and not config.ENABLE_CUDASIM
+
 # Threads per block for 1-D element-wise kernels.
 TPB_1D = 256
 
@@ -71,7 +79,7 @@ def kernel(signature):
     """
 
     def deco(fn):
-        k = cuda.jit(fn)
+        k = cuda.jit(fn, cache=True) if DISK_CACHE else cuda.jit(fn)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (k, signature, fn.__module__)
         return k
@@ -83,7 +91,7 @@ def device_function(signature):
     """Declare a CUDA device function; the compile check builds it with ``device=True``."""
 
     def deco(fn):
-        f = cuda.jit(device=True)(fn)
+        f = cuda.jit(device=True, cache=True)(fn) if DISK_CACHE else cuda.jit(device=True)(fn)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (f, signature, fn.__module__)
         return f
@@ -154,8 +162,9 @@ def fill(a, value=0.0):
 def check_device_array(name, a, shape=None, dtype=np.float32):
     """Raise a clear error unless `a` is a C-contiguous device array of the given dtype (and shape).
 
-    The launchers take Numba's device arrays (the simulator's too). A CuPy or PyTorch array is named as
-    such: its dtype is not NumPy's and it lacks Numba's methods; gpu_cnn.functional wraps them itself."""
+    The launchers take Numba's device arrays (the simulator's too), by choice: they use Numba's methods
+    (reshape, copy_to_host, is_c_contiguous), and a PyTorch tensor's dtype is not even NumPy's. Other CUDA
+    arrays (CuPy, PyTorch) get an error that says how to wrap them; gpu_cnn.functional wraps them itself."""
     if not hasattr(a, "copy_to_host"):
         hint = ("; wrap it with numba.cuda.as_cuda_array(...) first (gpu_cnn.functional does so itself)"
                 if hasattr(a, "__cuda_array_interface__") else "")

@@ -72,3 +72,20 @@ def test_unregistered_kernel_is_reported(tmp_path):
     env.pop("GPU_CNN_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "REPORTED" in proc.stdout and "gpu_cnn.kernels.rogue.rogue" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("flag, cache", [("1", "CUDACache"), ("", "NullCache")])
+def test_kernel_disk_cache_only_when_asked(tmp_path, flag, cache):
+    """GPU_CNN_KERNEL_CACHE=1 (set by benchmarks/run_gpu.sh) gives every kernel and device function Numba's
+    on-disk cache; without it none has one. Declaring a cached kernel needs no GPU."""
+    code = (
+        "import gpu_cnn.kernels as pkg, importlib, pkgutil\n"
+        "from gpu_cnn.kernels import _common\n"
+        "for m in pkgutil.iter_modules(pkg.__path__): importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "print(len(_common.KERNELS), sorted({type(d._cache).__name__ for d, _, _ in _common.KERNELS.values()}))\n"
+    )
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", GPU_CNN_KERNEL_CACHE=flag, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("GPU_CNN_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    count, kinds = proc.stdout.split(" ", 1)
+    assert int(count) > 20 and kinds.strip() == repr([cache]), proc.stdout + proc.stderr

@@ -132,9 +132,7 @@ class Trainer:
         y = np.asarray(y)
         if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
             raise TypeError(f"y: expected 1-D integer class ids, got {y.dtype.name} of shape {y.shape}")
-        lo, hi = (int(y.min()), int(y.max())) if y.size else (0, 0)
-        if lo < 0 or hi >= classes:  # checked before the int32 cast, which could wrap
-            raise ValueError(f"y: class ids must be in [0, {classes}), found {lo if lo < 0 else hi}")
+        _base.check_class_ids("y", y, classes)  # before the int32 cast, which could wrap
         return self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32), y
 
     def _loss(self, logits, y):
@@ -164,10 +162,7 @@ class Trainer:
             out = self.model.output_shape(x.shape[1:])
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{name}: images of shape {x.shape[1:]} do not fit the model: {exc}") from None
-        classes = int(np.prod(out))
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"{name}: class ids must be in [0, {classes}) (the model's outputs), found {lo if lo < 0 else hi}")
+        _base.check_class_ids(name, np.asarray(y), int(np.prod(out)), " (the model's outputs)")
 
     def _snapshot(self):
         return self.model.state_dict(), self.optimizer.state_dict()

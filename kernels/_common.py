@@ -79,7 +79,7 @@ def kernel(signature):
     """
 
     def deco(fn):
-        k = cuda.jit(fn, cache=True) if DISK_CACHE else cuda.jit(fn)
+        k = cuda.jit(fn, cache=DISK_CACHE)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (k, signature, fn.__module__)
         return k
@@ -91,7 +91,7 @@ def device_function(signature):
     """Declare a CUDA device function; the compile check builds it with ``device=True``."""
 
     def deco(fn):
-        f = cuda.jit(device=True, cache=True)(fn) if DISK_CACHE else cuda.jit(device=True)(fn)
+        f = cuda.jit(device=True, cache=DISK_CACHE)(fn)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (f, signature, fn.__module__)
         return f

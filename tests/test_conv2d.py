@@ -235,7 +235,7 @@ def test_cpu_batch_slices_match_reference(cpu_backend, rng, monkeypatch, case, i
     ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w_ + 2 * p[1] - kw) // s[1] + 1
     monkeypatch.setattr(conv_ops, "_CHUNK_BYTES", 1)  # every image over the byte budget: the floor decides
     monkeypatch.setattr(conv_ops, "_MIN_SLICE_COLUMNS", images_per_slice * ho * wo)
-    assert conv_ops._chunk(n, c, kh, kw, ho, wo, o, h + 2 * p[0], w_ + 2 * p[1]) == images_per_slice < n
+    assert conv_ops._chunk((n, c, h, w_), (o, c, kh, kw), (ho, wo), p) == images_per_slice < n
     x, w, b, s, p, dy = _problem(rng, {**CASES, **CPU_CASES}[case])
     b = b if with_bias else None
     rdx, rdw, rdb = _reference()[1](dy, x, w, s, p)
@@ -258,14 +258,15 @@ def test_cpu_slices_keep_buffers_near_the_budget_and_rows_long():
     mib4 = 4 * 2**20
     assert (conv_ops._CHUNK_BYTES, conv_ops._MIN_SLICE_COLUMNS) == (mib4, 4096)
     # LeNet-5's first conv at batch 512: cols (25 floats per output position, 784 positions an image) decide
-    nb = conv_ops._chunk(512, 1, 5, 5, 28, 28, 6, 32, 32)
+    nb = conv_ops._chunk((512, 1, 28, 28), (6, 1, 5, 5), (28, 28), (2, 2))
     assert nb * 25 * 784 * 4 <= mib4 < (nb + 1) * 25 * 784 * 4
     # a 1x1 conv to more channels: the output before its NCHW copy decides
-    nb = conv_ops._chunk(512, 8, 1, 1, 32, 32, 128, 32, 32)  # 128 floats a position, 1024 positions
+    nb = conv_ops._chunk((512, 8, 32, 32), (128, 8, 1, 1), (32, 32), (0, 0))  # 128 floats a position, 1024 positions
     assert nb == 8 and nb * 128 * 1024 * 4 <= mib4 < (nb + 1) * 128 * 1024 * 4
     # 512 -> 512 channels on 7x7: the byte budget alone would give 4 images; the floor keeps 4096 positions
-    assert conv_ops._chunk(128, 512, 3, 3, 7, 7, 512, 9, 9) == -(-4096 // 49) == 84
-    assert conv_ops._chunk(3, 512, 3, 3, 7, 7, 512, 9, 9) == 3 and conv_ops._chunk(0, 1, 5, 5, 28, 28, 6, 32, 32) == 1
+    assert conv_ops._chunk((128, 512, 7, 7), (512, 512, 3, 3), (7, 7), (1, 1)) == -(-4096 // 49) == 84
+    assert conv_ops._chunk((3, 512, 7, 7), (512, 512, 3, 3), (7, 7), (1, 1)) == 3
+    assert conv_ops._chunk((0, 1, 28, 28), (6, 1, 5, 5), (28, 28), (2, 2)) == 1
 
 
 def test_stride_gaps_get_zero_gradient(backend, rng):

@@ -121,15 +121,21 @@ def as_labels(name, labels, n, num_classes):
             raise TypeError(f"{name}: expected integer class ids, got dtype {host.dtype.name}")
         if host.shape != (n,):
             raise ValueError(f"{name}: expected shape ({n},), got {host.shape}")
-    if host.size and (host.min() < 0 or host.max() >= num_classes):
-        bad = host[(host < 0) | (host >= num_classes)][0]
-        raise ValueError(f"{name}: class ids must be in [0, {num_classes}), found {int(bad)}")
+    check_class_ids(name, host, num_classes)
     host = np.ascontiguousarray(host, dtype=np.int32)
     if _backend.uses_kernels():
         if dev is not None and np.dtype(dev.dtype) == np.int32:
             return dev
         return to_device(host)
     return host
+
+
+def check_class_ids(name, ids, num_classes, note=""):
+    """Raise unless every id of the host integer array lies in [0, num_classes), naming the first that
+    does not (run before any cast to int32, which could wrap an id into range)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        bad = ids[(ids < 0) | (ids >= num_classes)].flat[0]
+        raise ValueError(f"{name}: class ids must be in [0, {num_classes}){note}, found {int(bad)}")
 
 
 def check_out(name, out, shape, on_kernels=None, dtype=FLOAT):

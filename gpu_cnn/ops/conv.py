@@ -29,9 +29,10 @@ floats through one side for every element; per channel the working set stays in 
 instead of ~1.5 ms for LeNet's first conv output).
 
 LeNet-5 at batch 128 on a 2-core AMD EPYC VM (OpenBLAS, 2 threads, machine shared with other jobs;
-best / median of 50 calls; measured before the slicing, which leaves batch 128 about as it was): conv 1x28x28 -> 6, 5x5, pad 2: forward ~3.6 / 4.0 ms, backward without
-dX (first layer) ~3.4 / 3.9 ms; conv 6x14x14 -> 16, 5x5: forward ~1.7 / 1.8 ms, backward with dX
-~3.6 / 4.1 ms. Together ~13 ms per training step for the two conv layers.
+best / median of 50 calls; measured before the slicing, which leaves batch 128 about as it was):
+conv 1x28x28 -> 6, 5x5, pad 2: forward ~3.6 / 4.0 ms, backward without dX (first layer) ~3.4 / 3.9 ms;
+conv 6x14x14 -> 16, 5x5: forward ~1.7 / 1.8 ms, backward with dX ~3.6 / 4.1 ms. Together ~13 ms per
+training step for the two conv layers.
 
 Scratch buffers (the batch-last input, cols, the outputs before the NCHW copy) are kept per thread and
 per shape in a small LRU cache, so a training loop calling with the same shapes does not re-allocate
@@ -171,7 +172,7 @@ def _cols(x, kh, kw, s, p, out_hw):
     return cols.reshape(c * kh * kw, ho * wo * n)
 
 
-def _chunk(n, c, kh, kw, ho, wo, o, hp, wp):
+def _chunk(x_shape, w_shape, out_hw, p):
     """Images per pass: whole batches make cols and the transposed copies outgrow the caches (LeNet-5's
     first conv ran ~2× slower per image at batch 512 than at 128), so the batch goes in slices whose
     largest buffer (cols, the output before its NCHW copy, or the padded input) stays near _CHUNK_BYTES
@@ -179,14 +180,17 @@ def _chunk(n, c, kh, kw, ho, wo, o, hp, wp):
     for a whole (C*kH*kW, O) dW product and its sum, and BLAS wants long rows: a slice keeps at least
     _MIN_SLICE_COLUMNS output positions (512 -> 512 channels, 3×3 on 7×7 images, got slices of 4 images
     without it, and its backward ran 2.3× slower than whole batches; with it, as fast)."""
-    per_image = 4 * max(c * kh * kw * ho * wo, o * ho * wo, c * hp * wp)
+    n, c, h, w = x_shape
+    o, _, kh, kw = w_shape
+    ho, wo = out_hw
+    per_image = 4 * max(c * kh * kw * ho * wo, o * ho * wo, c * (h + 2 * p[0]) * (w + 2 * p[1]))
     nb = max(_CHUNK_BYTES // max(per_image, 1), -(-_MIN_SLICE_COLUMNS // max(ho * wo, 1)))
     return max(1, min(n, nb))
 
 
 def _cpu_forward(x, w, b, s, p, y):
     n, o, ho, wo = y.shape
-    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo, o, x.shape[2] + 2 * p[0], x.shape[3] + 2 * p[1])
+    nb = _chunk(x.shape, w.shape, (ho, wo), p)
     for i in range(0, n, nb):  # slices along N of C-contiguous arrays stay C-contiguous
         _cpu_forward_slice(x[i:i + nb], w, b, s, p, y[i:i + nb])
 
@@ -202,7 +206,7 @@ def _cpu_forward_slice(x, w, b, s, p, y):
 
 def _cpu_backward(dy, x, w, s, p, dx, dw, db):
     n, o, ho, wo = dy.shape
-    nb = _chunk(n, x.shape[1], *w.shape[2:], ho, wo, o, x.shape[2] + 2 * p[0], x.shape[3] + 2 * p[1])
+    nb = _chunk(x.shape, w.shape, (ho, wo), p)
     if nb >= n:
         return _cpu_backward_slice(dy, x, w, s, p, dx, dw, db)
     dw_part = _scratch("dw_part", w.shape)

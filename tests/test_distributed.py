@@ -8,6 +8,7 @@ in the pytest process (cpu) or in float64 NumPy (sim). What is checked:
   whose last batch does not split evenly (97 images, batch 32: the last batch of 1 leaves rank 1 with
   none) gives the one-process weights and metrics; only rank 0 writes a checkpoint.
 - sim, a tiny MLP (device arrays, 2 steps): the same per-step checks through the device-array path (MPI through the host).
+- gpu-cnn train --nproc 2 (1 epoch of digits) ends at the one-process test accuracy (±1 %).
 - a rank that raises: mpiexec exits non-zero within seconds and shows the error; a rank that hangs: the
   other times out after its deadline and aborts the job.
 The NCCL path (cuda) needs a GPU and is not run here.
@@ -228,6 +229,26 @@ def test_hanging_rank_times_out(tmp_path):
     assert proc.returncode != 0
     assert "did not complete within 3 s" in proc.stderr
     assert seconds < 30, f"the job took {seconds:.0f} s to stop (rank 1 sleeps 60 s)"
+
+
+def test_cli_nproc_2_matches_one_process(tmp_path, cpu_backend):
+    import json
+
+    from gpu_cnn import cli
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    env.pop("GPU_CNN_BACKEND", None)
+    args = ["train", "--epochs", "1", "--quiet", "--backend", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "gpu_cnn.cli", *args, "--nproc", "2", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    assert "over 2 ranks" in proc.stdout
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = json.load(open(tmp_path / "two" / "metrics.json"))
+    one = json.load(open(tmp_path / "one" / "metrics.json"))
+    assert two["ranks"] == 2 and one["ranks"] == 1
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.01  # the bar: the same within 1 %
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ def _thread_safe_simulator_shared_arrays():
 
 _thread_safe_simulator_shared_arrays()
 
+# Under the simulator, gpu_cnn.simcheck hooks the launches (checked inside simcheck.checking() or with
+# GPU_CNN_SIMCHECK=1; with checking off they run as before). On a GPU it refuses GPU_CNN_SIMCHECK=1.
+from gpu_cnn import simcheck as _simcheck  # noqa: E402,F401  (installs on import)
+
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}
 

@@ -410,6 +410,15 @@ def sum3d(a, out):
         out[x, y, z] = a[x, y, z] + 1
 
 
+@cuda.jit
+def reverse_dynamic(x, out):
+    s = cuda.shared.array(0, float32)  # dynamic shared memory, sized at launch
+    t = cuda.threadIdx.x
+    s[t] = x[t]
+    cuda.syncthreads()
+    out[t] = s[cuda.blockDim.x - 1 - t]
+
+
 @pytest.fixture
 def checked(kernel_backend):
     with simcheck.checking():
@@ -467,6 +476,13 @@ def test_syncthreads_count_passes(checked):
     assert out[0] == 5
 
 
+def test_dynamic_shared_memory_passes(checked):
+    x = np.arange(N, dtype=np.float32)
+    out = np.zeros(N, np.float32)
+    reverse_dynamic[1, N, 0, 4 * N](x, out)
+    np.testing.assert_array_equal(out, x[::-1])
+
+
 def test_device_array_written_by_a_launch_is_initialized_for_the_next(checked):
     a = cuda.device_array((3, 2, 5), np.float32)
     b = cuda.device_array((3, 2, 5), np.float32)
@@ -516,7 +532,8 @@ def test_decorator_form_checks(kernel_backend):
 
     with pytest.raises(simcheck.SimcheckError):
         run()
-    all_write_out0[1, N](np.zeros(N, np.float32), np.zeros(1, np.float32))  # unchecked outside: runs
+    if not simcheck.enabled():  # unchecked outside (unless GPU_CNN_SIMCHECK=1): the launch just runs
+        all_write_out0[1, N](np.zeros(N, np.float32), np.zeros(1, np.float32))
 
 
 def test_environment_variable_turns_checking_on(kernel_backend, monkeypatch):

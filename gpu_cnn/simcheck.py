@@ -167,7 +167,11 @@ def _mark_written(nd, idx=Ellipsis):
         return
     owner, mask = _mask_of(nd)
     if mask is not None:
-        _byte_view(nd, owner, mask)[idx] = True
+        view = _byte_view(nd, owner, mask)
+        try:
+            view[idx] = True
+        except Exception:  # an index the mask cannot take (a field name, ...): all of it counts as written
+            view[...] = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,7 +187,6 @@ def install():
         if enabled():
             raise _refusal()
         return
-    from numba import cuda
     from numba.cuda.simulator import kernel as kmod
 
     global _sim
@@ -198,7 +201,6 @@ def install():
         return _launch(self, args)
 
     kmod.FakeCUDAKernel.__call__ = __call__
-    del cuda
     _installed = True
 
 
@@ -499,7 +501,6 @@ def _read(arr, bo, th, f, idx):
     k = bo // mem.g
     blk = th.block
     b, t, e = th.blk, th.tid, blk.epoch
-    th.last = f
     with mem.lock:
         w = mem.W.get(k)
         if w is not None and _conflict(w, b, t, e):
@@ -525,7 +526,6 @@ def _write(arr, bo, th, f, idx, atomic):
     k = bo // mem.g
     blk = th.block
     b, t, e = th.blk, th.tid, blk.epoch
-    th.last = f
     mine = "atomic" if atomic else "write"
     with mem.lock:
         w = mem.W.get(k)
@@ -682,19 +682,26 @@ class _Thread(threading.Thread):
         self.blockIdx = block.blockIdx
         bd = block.launch.block_dim
         self.thread_id = point[0] + bd[0] * (point[1] + bd[1] * point[2])  # as the simulator (laneid)
-        self.last = None
+        self.kframe = None  # the kernel's frame: where the thread returned, for barrier reports
         self._fn, self._args, self._debug = fn, args, debug
+
+    def _catch_kernel_frame(self, frame, event, arg):
+        if event == "call" and frame.f_code is self._fn.__code__:
+            self.kframe = frame
+            sys.setprofile(None)
 
     def run(self):
         try:
             if self._debug:
                 np.seterr(divide="raise")
+            sys.setprofile(self._catch_kernel_frame)  # this thread only, until the kernel is entered
             self._fn(*self._args)
         except _Abort:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the launching thread
             self.block.fail(e, self)
         finally:
+            sys.setprofile(None)
             self.block.thread_done(self)
 
     # the simulator's other entry points (cg.this_grid().sync())
@@ -762,8 +769,9 @@ class _Block:
         return SimcheckError("barrier", f"barrier divergence in kernel {self.launch.kname}: {msg}")
 
     def _returned(self, th):
-        last = f" (its last array access: {_where(th.last.f_code, th.last.f_lineno)})" if th.last else ""
-        return f"{self._thread(th)} returned from the kernel{last} without reaching it"
+        f = th.kframe
+        at = f" at {_where(f.f_code, f.f_lineno)}" if f is not None else ""
+        return f"{self._thread(th)} returned from the kernel{at} without reaching it"
 
     def barrier(self, value):
         th = threading.current_thread()

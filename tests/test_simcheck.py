@@ -123,7 +123,8 @@ def test_early_return_before_barrier(kernel_backend):
     x = np.arange(N, dtype=np.float32)
     msg = _caught("barrier", lambda: early_return[1, N](x, np.zeros(N, np.float32), 5))
     assert f"{THIS}:{_line(early_return, 'cuda.syncthreads()')}" in msg
-    assert re.search(r"thread \([5-7], 0, 0\) returned from the kernel", msg)
+    assert re.search(r"thread \([5-7], 0, 0\) returned from the kernel at ", msg)
+    assert f"{THIS}:{_line(early_return, 'return  # BUG')}" in msg
 
 
 @cuda.jit

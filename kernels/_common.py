@@ -22,6 +22,7 @@ def _thread_safe_simulator_shared_arrays():
     creates it when missing, without a lock: two threads of a block arriving together can each create
     their own "shared" array, so one thread's writes never reach the others (tiled kernels then give
     wrong sums, now and then). Here the same lookup runs under a lock. Nothing changes on a GPU.
+    Launches checked by gpu_cnn.simcheck allocate their shared arrays themselves (per block, under a lock).
     """
     if not config.ENABLE_CUDASIM:
         return

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from numba import config, cuda, float32, int32  # after conftest chose the backend
+from numba import config, cuda, float32  # after conftest chose the backend
 
 import gpu_cnn
 from gpu_cnn import backend as gpu_backend

@@ -101,8 +101,10 @@ class Trainer:
         kw = {} if weight_decay is None else {"weight_decay": weight_decay}
         if optimizer == "sgd":
             kw["momentum"] = momentum
+        # one flat buffer of parameters and one of gradients: the optimizer updates the model in one launch
+        flat = model.flatten_parameters()
         pairs = [(p.data, p.grad) for p in model.parameters()]
-        self.optimizer = make_optimizer(optimizer, pairs, float(lr), **kw)
+        self.optimizer = make_optimizer(optimizer, pairs, float(lr), flat=flat, **kw)
         self.optimizer_name = optimizer
         self._saved = False  # whether a checkpoint was written by this trainer
         self.ws = Workspace("loss")

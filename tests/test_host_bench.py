@@ -80,6 +80,9 @@ def test_host_benchmark_writes_results(tmp_path):
         assert abs(sum(res["kernels_per_step"].values()) - per["launch"]) < 1e-9, mode
         assert res["host_ms"] > 0, mode
     assert rec["results"]["device batch"]["per_step"]["h2d"] == 0  # images and labels already on the device
+    fit = rec["results"]["inside fit"]["per_step"]
+    # inside fit the host never waits: labels were checked up front, metrics stay on the device
+    assert (fit["d2h"], fit["sync"], fit["alloc_device"], fit["alloc_pinned"]) == (0, 0, 0, 0)
     assert rec["results"]["host batch"]["per_step"]["h2d"] >= 2  # images and labels staged
     md = (tmp_path / "host-lenet5-sgd-b8.md").read_text()
     assert "| host batch |" in md and "`sgd_" in md

@@ -28,6 +28,7 @@ SIMCHECK_FILES = {
     "test_activation.py",
     "test_softmax.py",
     "test_optim.py",
+    "test_metrics.py",
 }
 if os.environ.get("GPU_CNN_SIMCHECK", "").strip() == "1":
     import gpu_cnn.simcheck  # noqa: E402,F401  (hooks every simulator launch; refuses on a real GPU)

@@ -67,7 +67,7 @@ def _reference():
 
 
 def test_versions_are_the_ones_tested(kernel_backend):
-    assert _k().VERSIONS == OP_VERSIONS == ("naive", "tiled")
+    assert _k().VERSIONS == OP_VERSIONS == ("naive", "tiled", "implicit_gemm")
     assert _k().DEFAULT_VERSION == "tiled"
 
 

@@ -7,7 +7,8 @@
 
 :func:`plan` cuts a layer list into runs; each run has ``forward(x)`` and ``backward(dy)`` like a layer,
 uses the layers' own parameters and workspaces, and gives the unfused layers' results (to float32
-rounding; the state_dict is unchanged). Backward needs no pre-activation: where the 2x2 window's maximum
+rounding; the state_dict is unchanged; a batch too large for the kernels' 32-bit offsets runs the
+layers unfused). Backward needs no pre-activation: where the 2x2 window's maximum
 is > 0 the ReLU passed it, so dy masked by (pooled > 0) and routed through the argmax is the gradient of
 the conv output; without the pool, the ReLU output itself is the mask.
 
@@ -72,15 +73,42 @@ def plan(layers):
     return runs
 
 
-class ConvReLU:
+def _fits(conv, x):
+    """The implicit-GEMM kernels take this batch (32-bit offsets); else the run goes unfused."""
+    from .kernels import conv2d as kconv
+
+    return kconv.implicit_gemm_supported(tuple(x.shape), tuple(conv.weight.data.shape), conv.stride, conv.padding)
+
+
+class _Run:
+    layers = ()
+    _unfused = False
+
+    def _forward_unfused(self, x):
+        self._unfused = True
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def _backward_unfused(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+
+class ConvReLU(_Run):
     """Conv2d -> ReLU: the implicit-GEMM conv with max(., 0) in its epilogue (one store per output)."""
 
     def __init__(self, conv, relu):
         self.conv, self.relu = conv, relu
+        self.layers = (conv, relu)
 
     def forward(self, x):
         from .kernels import conv2d as kconv
 
+        if not _fits(self.conv, x):
+            return self._forward_unfused(x)
+        self._unfused = False
         conv, relu = self.conv, self.relu
         conv._begin_forward(x)
         relu._y_shape = relu._x = None
@@ -93,6 +121,8 @@ class ConvReLU:
         return y
 
     def backward(self, dy):
+        if self._unfused:
+            return self._backward_unfused(dy)
         conv, relu = self.conv, self.relu
         dy = relu._grad_output(dy)
         dpre = relu.ws.get("grad_input", relu._y_shape)
@@ -101,13 +131,17 @@ class ConvReLU:
         return conv.backward(dpre)
 
 
-class ConvReLUPool:
+class ConvReLUPool(_Run):
     """Conv2d -> ReLU -> MaxPool2d(2): one fused kernel forward; backward masks, routes, then conv's."""
 
     def __init__(self, conv, relu, pool):
         self.conv, self.relu, self.pool = conv, relu, pool
+        self.layers = (conv, relu, pool)
 
     def forward(self, x):
+        if not _fits(self.conv, x):
+            return self._forward_unfused(x)
+        self._unfused = False
         conv, relu, pool = self.conv, self.relu, self.pool
         conv._begin_forward(x)
         relu._y_shape = pool._y_shape = pool._idx = conv._x = None
@@ -122,6 +156,8 @@ class ConvReLUPool:
         return y
 
     def backward(self, dy):
+        if self._unfused:
+            return self._backward_unfused(dy)
         conv, relu, pool = self.conv, self.relu, self.pool
         dy = pool._grad_output(dy)
         masked = relu.ws.get("grad_pooled", pool._y_shape)

@@ -198,37 +198,44 @@ def test_backward_versions_and_dispatch(kernel_backend, rng, monkeypatch):
 
 def _small_cnn(seed):
     nn.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(3 * 3 * 3, 5))
 
 
-def test_sequential_fuses_and_agrees_with_the_unfused_layers(kernel_backend, rng):
+def test_sequential_fuses_and_agrees_with_the_unfused_layers(kernel_backend, rng, monkeypatch):
     """Conv -> ReLU -> MaxPool(2) and Conv -> ReLU runs are fused (planned as such), and logits, input
-    and parameter gradients equal the unfused model's; the state_dict keys and shapes do not change."""
+    and parameter gradients equal the unfused model's; the state_dict keys and shapes do not change.
+    A batch the 32-bit kernels cannot take runs the planned runs' layers unfused, with the same results."""
     x = rng.standard_normal((1, 1, 6, 6)).astype(np.float32)
     dlogits = rng.standard_normal((1, 5)).astype(np.float32)
     results = []
     try:
-        for on in (False, True):
+        for on, limit in ((False, None), (True, None), (True, 20)):
             fusion.set_enabled(on)
+            if limit:
+                monkeypatch.setattr(_k(), "IG_MAX_ELEMENTS", limit)
             model = _small_cnn(3)
             model.requires_input_grad = True
-            plan = [(i, j, type(r).__name__) for i, j, r in fusion.plan(model.layers)]
+            runs = fusion.plan(model.layers)
             logits = model.forward(x)
+            assert all(getattr(r, "_unfused", False) == bool(limit) for _, _, r in model._runs[:2] if on)
             dx = model.backward(dlogits)
             grads = {name: p.grad_numpy() for name, p in model.named_parameters()}
-            results.append((plan, logits, dx, grads, {n: v.shape for n, v in model.state_dict().items()}))
+            results.append(([type(r).__name__ for _, _, r in runs], logits, dx, grads,
+                            {n: v.shape for n, v in model.state_dict().items()}))
     finally:
         fusion.set_enabled(None)
-    (plan0, l0, dx0, g0, sd0), (plan1, l1, dx1, g1, sd1) = results
-    assert [r[2] for r in plan1[:2]] == ["ConvReLUPool", "ConvReLU"] and len(plan0) == 7
-    assert sd0 == sd1
-    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
-    for name in g0:
-        assert np.abs(g0[name]).max() > 0, name
-        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    (plan0, l0, dx0, g0, sd0) = results[0]
+    assert len(plan0) == 7
+    for plan1, l1, dx1, g1, sd1 in results[1:]:
+        assert plan1[:2] == ["ConvReLUPool", "ConvReLU"]
+        assert sd0 == sd1
+        np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
+        for name in g0:
+            assert np.abs(g0[name]).max() > 0, name
+            np.testing.assert_allclose(g1[name], g0[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_lenet_like_training_step_with_the_gpu_defaults_equals_cpu(rng, monkeypatch):

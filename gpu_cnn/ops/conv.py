@@ -38,8 +38,9 @@ Scratch buffers (the batch-last input, cols, the outputs before the NCHW copy) a
 per shape in a small LRU cache, so a training loop calling with the same shapes does not re-allocate
 (and page-fault) tens of MB per call; results never alias them.
 
-cuda/sim: :mod:`gpu_cnn.kernels.conv2d` (forward ``naive`` or ``tiled``; dX gather, dW and db block
-reductions; no atomics).
+cuda/sim: :mod:`gpu_cnn.kernels.conv2d` (forward ``naive``, ``tiled`` or ``implicit_gemm``; backward
+``implicit_gemm`` -- dX transposed GEMM, split-K dW with db, deterministic -- or ``direct``: dX gather,
+dW and db block reductions; no atomics; the fused conv + ReLU + 2x2 max-pool).
 
 Host float64 input is computed in float32.
 """
@@ -260,8 +261,9 @@ def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
 
     stride, padding: an int or a pair (rows, cols); zero padding. Returns y (N, C_out, Ho, Wo) with
     Ho = (H + 2*ph - kH) // sh + 1 (likewise Wo), written into ``out`` when given (no allocation).
-    ``version`` picks the forward kernel on cuda/sim (:data:`VERSIONS`: ``naive`` or ``tiled``; None:
-    ``tiled`` where it applies, else ``naive``) and is ignored on cpu. Host float64 input is computed
+    ``version`` picks the forward kernel on cuda/sim (:data:`VERSIONS`: ``naive``, ``tiled`` or
+    ``implicit_gemm``; None: ``implicit_gemm`` where it applies on a GPU, else ``tiled`` where it
+    applies, else ``naive``) and is ignored on cpu. Host float64 input is computed
     in float32.
     """
     _check_version(version)

@@ -61,6 +61,12 @@ Static figures on sm_90 (ptxas + nvdisasm, no GPU; innermost loop of the kernel;
     implicit_gemm dW (3x3 s1, 64x64)     128       0       70.3%   0.25
     fused conv+ReLU+pool (5x5 s1)        116       0       71.1%   0.25
 
+    The innermost loop of the implicit-GEMM kernels is the BK = 8 step of outer products (64 FFMA,
+    16 shared loads, ~90 instructions). Counted per K-slice -- the gather of the next slice once (~440
+    instructions for 12 loads: the k -> (c, i, j) math, the guards, the stores) plus 8 inner steps -- the
+    FFMA share is ~44%: the gather's index math is what the next rung would cut (a per-block tap table,
+    wider loads).
+
 Run the checks: ``python -m pytest tests/test_conv2d.py tests/test_conv2d_igemm.py`` (simulator);
 build for real GPUs: ``python -m gpu_cnn.compile_check``; time every version against cuDNN:
 ``python -m benchmarks.kernels --backend cuda --only conv2d,conv2d_relu_pool``.

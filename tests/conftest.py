@@ -23,6 +23,7 @@ BACKENDS = ["cpu", KERNEL_BACKEND]
 # test file joins with one line here.
 SIMCHECK_FILES = {
     "test_conv2d.py",
+    "test_conv2d_igemm.py",
     "test_pool.py",
     "test_gemm.py",
     "test_activation.py",

@@ -32,7 +32,8 @@ The message names the kernel, the array (argument or shared-array name), the ele
 threads (block and thread index) and the source lines (file:line) of both accesses.
 
 On the ``cpu`` backend it is a no-op (no kernel runs); on ``cuda`` it refuses (there, use
-compute-sanitizer: ``benchmarks/run_gpu.sh`` runs memcheck, racecheck, synccheck and initcheck).
+compute-sanitizer: ``--tool memcheck|racecheck|synccheck|initcheck``; ``benchmarks/run_gpu.sh``
+runs memcheck and racecheck over the kernels).
 
 Limits: global-memory ordering between blocks through ``threadfence`` and an atomic flag (the
 "last block reduces" pattern) is not modelled and would be reported as a race; local arrays are not
@@ -80,8 +81,8 @@ def enabled():
 def _refusal():
     return _backend.BackendError(
         "gpu_cnn.simcheck checks kernels under Numba's CUDA simulator only (backend 'sim'); on a real GPU "
-        "(backend 'cuda') use NVIDIA's compute-sanitizer (--tool memcheck, racecheck, synccheck, initcheck), "
-        "as benchmarks/run_gpu.sh does. Unset GPU_CNN_SIMCHECK there."
+        "(backend 'cuda') use NVIDIA's compute-sanitizer (--tool memcheck, racecheck, synccheck, initcheck; "
+        "benchmarks/run_gpu.sh runs memcheck and racecheck over the kernels). Unset GPU_CNN_SIMCHECK there."
     )
 
 

@@ -55,6 +55,9 @@ _thread_safe_simulator_shared_arrays()
 
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}
+# name -> threads per block of its launches (int or tuple), where the registration gives ``block=``:
+# the compile check needs it for the blocks and warps resident per SM.
+KERNEL_BLOCKS = {}
 
 # Numba's on-disk kernel cache, when asked for (see the module docstring); the simulator has none.
 DISK_CACHE = os.environ.get("GPU_CNN_KERNEL_CACHE", "").strip() == "1" and not config.ENABLE_CUDASIM
@@ -72,16 +75,23 @@ def grid_1d(n, tpb=TPB_1D):
     return max(1, ceil_div(n, tpb)), tpb
 
 
-def kernel(signature):
+def kernel(signature, block=None, launch_bounds=None):
     """Declare a CUDA kernel: lazy ``cuda.jit`` plus its compile-check signature.
 
     ``signature`` is a Numba signature string such as ``"void(float32[:, ::1], float32[::1])"``.
+    ``block`` (optional) is the block shape its launcher uses on a GPU (an int or a tuple), from which the
+    compile check computes the blocks and warps resident per SM. ``launch_bounds`` (optional,
+    ``(max threads per block, min blocks per SM)``) is passed to ``cuda.jit`` and to the compile check:
+    ptxas then keeps the registers low enough for that many blocks (the simulator ignores it).
     """
 
     def deco(fn):
-        k = cuda.jit(fn, cache=DISK_CACHE)
+        bounds = {} if launch_bounds is None or config.ENABLE_CUDASIM else {"launch_bounds": launch_bounds}
+        k = cuda.jit(fn, cache=DISK_CACHE, **bounds)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (k, signature, fn.__module__)
+        if block is not None:
+            KERNEL_BLOCKS[name] = block
         return k
 
     return deco
@@ -142,7 +152,7 @@ def block_max(buf, tid):
         s //= 2
 
 
-@kernel("void(float32[::1], float32)")
+@kernel("void(float32[::1], float32)", block=TPB_1D)
 def fill_kernel(a, value):
     """Set every element of a contiguous float32 array (viewed flat) to value."""
     # a: (n,) float32

@@ -24,7 +24,7 @@ import numpy as np
 from numba import cuda, float32
 from numba.core import config
 
-from ._common import block_max, block_sum, check_device_array, grid_1d, kernel
+from ._common import TPB_1D, block_max, block_sum, check_device_array, grid_1d, kernel
 
 VERSIONS = ("fused",)
 DEFAULT_VERSION = "fused"
@@ -65,7 +65,7 @@ def softmax_cross_entropy_backward_reference(probs, labels):
 # --- kernels -----------------------------------------------------------------------------------------
 
 
-@kernel("void(float32[:, ::1], int32[::1], float32[:, ::1], float32[::1])")
+@kernel("void(float32[:, ::1], int32[::1], float32[:, ::1], float32[::1])", block=SM_TPB)
 def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
     """fused: one block per row; max and Σexp by shared-memory reductions, then p and −log p[label] in one pass."""
     # logits, probs: (N, C) float32; labels: (N,) int32; row_loss: (N,) float32
@@ -111,7 +111,7 @@ def softmax_xent_forward_kernel(logits, labels, probs, row_loss):
             row_loss[row] = math.log(total) - (z_label - mx)
 
 
-@kernel("void(float32[::1], float32[::1])")
+@kernel("void(float32[::1], float32[::1])", block=SM_TPB)
 def batch_mean_kernel(row_loss, loss):
     """Mean of the per-row losses by one block: strided partial sums, then a shared-memory tree (no atomics)."""
     # row_loss: (N,) float32; loss: (1,) float32
@@ -127,7 +127,7 @@ def batch_mean_kernel(row_loss, loss):
         loss[0] = buf[0] / float32(N)
 
 
-@kernel("void(float32[:, ::1], int32[::1], float32[:, ::1])")
+@kernel("void(float32[:, ::1], int32[::1], float32[:, ::1])", block=TPB_1D)
 def softmax_xent_backward_kernel(probs, labels, dlogits):
     """dlogits = (p − onehot(labels)) / N, one thread per element (in place on probs is safe)."""
     # probs, dlogits: (N, C) float32; labels: (N,) int32

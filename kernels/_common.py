@@ -186,3 +186,55 @@ def check_device_array(name, a, shape=None, dtype=np.float32):
     if not a.is_c_contiguous():
         raise ValueError(f"{name}: expected a C-contiguous array")
     return a
+
+
+# --- simulator: warp shuffles ---------------------------------------------------------------------------
+
+
+def _simulator_warp_shuffles():
+    """Give the CUDA simulator ``cuda.shfl_xor_sync`` and ``cuda.shfl_down_sync`` (numba-cuda 0.30.4's has
+    neither), for kernels whose every thread reaches every shuffle (the softmax warp kernel).
+
+    Each thread posts its value, the block meets at its barrier, each reads its source lane's value
+    (lane ^ lane_mask, or lane + delta; its own when that lane is outside the warp or the block), and
+    the block meets again before the next exchange. Using the block barrier is stricter than a GPU
+    (which needs only the warp): a kernel that shuffles under a thread-dependent branch hangs here
+    rather than passing. Only the full mask is supported. Nothing changes on a GPU.
+    """
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator import kernelapi
+
+    cls = kernelapi.FakeCUDAModule
+    if getattr(cls, "_gpu_cnn_shuffles", False):
+        return
+    lock = threading.Lock()
+
+    def exchange(mask, value, source_of):
+        if int(mask) & 0xFFFFFFFF != 0xFFFFFFFF:
+            raise NotImplementedError("simulated warp shuffles support only the full mask 0xffffffff")
+        t = threading.current_thread()
+        manager = t._manager
+        with lock:
+            posted = manager.__dict__.setdefault("_gpu_cnn_shuffle", {})
+        tid = t.thread_id
+        posted[tid] = value
+        t.syncthreads()
+        lane = tid % 32
+        src = source_of(lane)
+        got = posted.get(tid - lane + src, value) if 0 <= src < 32 else value
+        t.syncthreads()
+        return got
+
+    def shfl_xor_sync(self, mask, value, lane_mask):
+        return exchange(mask, value, lambda lane: lane ^ int(lane_mask))
+
+    def shfl_down_sync(self, mask, value, delta):
+        return exchange(mask, value, lambda lane: lane + int(delta))
+
+    cls.shfl_xor_sync = shfl_xor_sync
+    cls.shfl_down_sync = shfl_down_sync
+    cls._gpu_cnn_shuffles = True
+
+
+_simulator_warp_shuffles()

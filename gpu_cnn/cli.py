@@ -157,6 +157,9 @@ def cmd_kernels(args):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     env.pop("GPU_CNN_BACKEND", None)
     cmd = [sys.executable, "-m", "gpu_cnn.compile_check", "--arch", args.arch]
+    cmd += ["--json"] if args.json else []
+    for text in args.only or ():
+        cmd += ["--only", text]
     return subprocess.call(cmd, env=env)
 
 
@@ -497,8 +500,11 @@ def build_parser():
     _backend_arg(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("kernels", help="every kernel's registers, shared memory and spills (ptxas)")
+    p = sub.add_parser("kernels", help="every kernel's registers, shared memory, spills, occupancy and "
+                                       "hot-loop instruction mix (ptxas + nvdisasm, no GPU needed)")
     p.add_argument("--arch", choices=("sm_80", "sm_90"), default="sm_90", help="sm_80 or sm_90 (default)")
+    p.add_argument("--json", action="store_true", help="write the full report as JSON")
+    p.add_argument("--only", action="append", metavar="TEXT", help="only kernels whose name contains TEXT (repeatable)")
     p.set_defaults(func=cmd_kernels)
     return ap
 

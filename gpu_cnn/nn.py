@@ -198,7 +198,7 @@ class Module:
         """Print (and return) a table of every layer's output shape and parameter count for one sample
         of `input_shape` (no batch axis), like Keras' ``model.summary()`` and torchinfo."""
         rows = []
-        self._summary_rows(tuple(int(v) for v in input_shape), type(self).__name__, 0, rows)
+        self._summary_rows(tuple(int(v) for v in input_shape), type(self).__name__, -1, rows)
         if len(rows) > 1 and self.children():
             rows = rows[1:]  # the model itself is the total line
         total = sum(int(np.prod(p.shape)) for p in self.parameters())
@@ -217,8 +217,8 @@ class Module:
     def _summary_rows(self, in_shape, name, depth, rows):
         out = self.output_shape(in_shape)
         own = sum(int(np.prod(p.shape)) for p in self.parameters())
-        rows.append(("  " * depth + f"{name} ({type(self).__name__})" if name != type(self).__name__
-                     else "  " * depth + name, out, own))
+        rows.append(("  " * max(depth, 0) + (f"{name} ({type(self).__name__})" if name != type(self).__name__
+                                             else name), out, own))
         shape = in_shape
         for child_name, child in self.children():
             if child_name == "shortcut":

@@ -271,12 +271,11 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, out=None,
     _check_version(version)
     x, unbatched = _unbatch("x", x)
     g = _general_args(x, w, stride, padding, dilation, groups)
-    if g is not None:
+    if not _is_plain(g):
         y = _conv2d_general(x, w, b, g, out=_unbatch_out(out, unbatched))
         return _rebatch(y, unbatched)
-    s = pair("stride", stride, 1)
-    p = pair("padding", _sym_padding(padding), 0)
-    y = _conv2d_plain(x, w, b, s, p, _unbatch_out(out, unbatched), version)
+    s, pads = g[0], g[1]
+    y = _conv2d_plain(x, w, b, s, (pads[0], pads[2]), _unbatch_out(out, unbatched), version)
     return _rebatch(y, unbatched)
 
 
@@ -323,12 +322,11 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, *, out=
         if out is not None and isinstance(out, (tuple, list)) and len(out) == 3:
             out = (_unbatch_out(out[0], True), out[1], out[2])
     g = _general_args(x, w, stride, padding, dilation, groups)
-    if g is not None:
+    if not _is_plain(g):
         dx, dw, db = _conv2d_backward_general(dy, x, w, g, out, need_dx, bias)
     else:
-        s = pair("stride", stride, 1)
-        p = pair("padding", _sym_padding(padding), 0)
-        dx, dw, db = _conv2d_backward_plain(dy, x, w, s, p, out, need_dx, bias)
+        s, pads = g[0], g[1]
+        dx, dw, db = _conv2d_backward_plain(dy, x, w, s, (pads[0], pads[2]), out, need_dx, bias)
     return _rebatch(dx, unbatched), dw, db
 
 
@@ -408,13 +406,8 @@ def _rebatch(y, unbatched):
     return y.reshape(tuple(y.shape[1:])) if (unbatched and y is not None) else y
 
 
-def _sym_padding(padding):
-    return 0 if isinstance(padding, str) and padding == "valid" else padding
-
-
 def _general_args(x, w, stride, padding, dilation, groups):
-    """None when the plain kernels apply (dilation 1, groups 1, symmetric padding), else the normalised
-    (stride, (top, bottom, left, right), dilation, groups)."""
+    """The normalised (stride, (top, bottom, left, right), dilation, groups)."""
     d = pair("dilation", dilation, 1)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups: expected a positive int, got {groups!r}")
@@ -440,9 +433,13 @@ def _general_args(x, w, stride, padding, dilation, groups):
     else:
         p = pair("padding", padding, 0)
         pads = (p[0], p[0], p[1], p[1])
-    if d == (1, 1) and groups == 1 and pads[0] == pads[1] and pads[2] == pads[3]:
-        return None
     return s, pads, d, groups
+
+
+def _is_plain(g):
+    """Whether the plain kernels (and the im2col cpu path) apply: dilation 1, groups 1, symmetric padding."""
+    s, pads, d, groups = g
+    return d == (1, 1) and groups == 1 and pads[0] == pads[1] and pads[2] == pads[3]
 
 
 def _general_geometry(x_shape, w_shape, g):

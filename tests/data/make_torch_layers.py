@@ -153,7 +153,7 @@ def main():
             for k, v in dict(x=x, dy=dy, y=y.detach().numpy(), dx=tx.grad.numpy(), dweight=bn.weight.grad.numpy(),
                              dbias=bn.bias.grad.numpy(), running_mean=bn.running_mean.numpy(),
                              running_var=bn.running_var.numpy()).items():
-                out[f"bn/{tag}/step{step}/{k}"] = v
+                out[f"bn/{tag}/step{step}/{k}"] = np.array(v)  # a copy: torch updates its buffers in place
         out[f"bn/{tag}/num_batches_tracked"] = np.array(int(bn.num_batches_tracked), np.int64)
         bn.eval()
         x = f32(rng.standard_normal(BN_SHAPE))

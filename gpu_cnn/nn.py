@@ -391,7 +391,8 @@ class Conv2d(Module):
         k = (self.dilation[0] * (self.kernel_size[0] - 1) + 1, self.dilation[1] * (self.kernel_size[1] - 1) + 1)
         if h + t + b < k[0] or w + l + r < k[1]:
             raise ValueError(
-                f"kernel_size: Conv2d's filter {self.kernel_size} (spanning {k} with dilation {self.dilation}) is "
+                f"kernel_size: Conv2d's filter {self.kernel_size}"
+                f"{'' if self.dilation == (1, 1) else f' (spanning {k} with dilation {self.dilation})'} is "
                 f"larger than the padded input {(h + t + b, w + l + r)} (input {(h, w)}, padding {self.padding})")
         return (self.out_channels, (h + t + b - k[0]) // self.stride[0] + 1, (w + l + r - k[1]) // self.stride[1] + 1)
 
@@ -454,7 +455,8 @@ def _pool_out(who, in_shape, k, s, p, d=(1, 1), ceil_mode=False):
     c, h, w = _sample_chw(who, in_shape)
     e = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
     if h + 2 * p[0] < e[0] or w + 2 * p[1] < e[1]:
-        raise ValueError(f"kernel_size: {who}'s window {k} (spanning {e}) is larger than the padded input "
+        raise ValueError(f"kernel_size: {who}'s window {k}{'' if e == k else f' (spanning {e} with dilation {d})'} "
+                         f"is larger than the padded input "
                          f"{(h + 2 * p[0], w + 2 * p[1])} (input {(h, w)}, padding {p})")
 
     def axis(size, kk, ss, pp, dd):

@@ -42,7 +42,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, uint64
 
-from ._common import block_sum, check_device_array, grid_1d, kernel
+from ._common import block_sum, check_device_array, device_function, grid_1d, kernel
 
 # threads of the block that reduces one channel (a power of two for the tree); under the simulator
 # every thread is a Python thread and every barrier a rendezvous, so it shrinks (same code)
@@ -91,7 +91,7 @@ def batchnorm_reference(x, weight, bias, eps):
 # --- kernels -----------------------------------------------------------------------------------------
 
 
-@cuda.jit(device=True, inline=True)
+@device_function("uint64(uint64)")
 def _hash32(v):
     # v: a uint64 holding a 32-bit value; every product masked back to 32 bits (the same integers as
     # the NumPy twin on every backend)

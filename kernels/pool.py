@@ -34,7 +34,7 @@ Run the checks: ``python -m pytest tests/test_pool.py`` (simulator); build for r
 import numpy as np
 from numba import cuda, float32, int32
 
-from ._common import check_device_array, fill, grid_1d, kernel, unravel4
+from ._common import check_device_array, device_function, fill, grid_1d, kernel, unravel4
 
 VERSIONS = ("gather", "atomic")  # backward versions
 DEFAULT_VERSION = "gather"
@@ -284,7 +284,7 @@ def max_pool2d_backward(dy, idx, dx, kernel_size, stride, padding, version=None,
 # adaptive_avg_pool2d: output row i averages input rows floor(i*H/Ho) .. ceil((i+1)*H/Ho) - 1.
 
 
-@cuda.jit(device=True, inline=True)
+@device_function("UniTuple(int64, 5)(int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64)")
 def _avg_window(ho, wo, H, W, kh, kw, sh, sw, ph, pw, count_include_pad):
     """(hs, he, ws, we, divisor) of output (ho, wo): the window clipped to the input, and its divisor."""
     hs = ho * sh - ph

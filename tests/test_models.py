@@ -58,8 +58,9 @@ def test_registry_and_builders(cpu_backend):
             assert model.output_shape(shape) == (7,), (name, shape)
     with pytest.raises(ValueError, match="model: expected one of lenet5, digits_cnn, resnet8, mobilenet_tiny"):
         models.get_model("vgg16")
-    with pytest.raises(ValueError, match="input_size: lenet5 needs at least 4"):
-        models.lenet5(input_size=3)
+    with pytest.raises(ValueError, match="input_size: expected a positive int"):
+        models.lenet5(input_size=0)
+    assert models.lenet5(input_size=(1, 3)).output_shape((1, 1, 3)) == (10,)  # tiny inputs still fit
 
 
 def test_lenet5_on_28x28_is_unchanged(cpu_backend):
@@ -74,8 +75,10 @@ def test_lenet5_on_28x28_is_unchanged(cpu_backend):
         "11.weight": (10, 84), "11.bias": (10,)}
     assert model[3].spec() == {"type": "Conv2d", "in_channels": 6, "out_channels": 16, "kernel_size": [5, 5],
                                "stride": [1, 1], "padding": [0, 0], "bias": True}
-    small = models.lenet5(input_size=8)
-    assert small.output_shape((1, 8, 8)) == (10,) and small[7].in_features == 16 * 2 * 2
+    small = models.lenet5(input_size=8)  # 8 + 2*4 - 4 = 12 -> pool 6 -> 6 + 2*2 - 4 = 6 -> pool 3
+    assert small.output_shape((1, 8, 8)) == (10,) and small[7].in_features == 16 * 3 * 3
+    assert small[0].padding == (4, 4) and small[3].padding == (2, 2)
+    assert models.lenet5(input_size=12)[7].in_features == 16 * 1 * 1  # the 28-geometry from 12×12 on
 
 
 def test_summary_lists_shapes_and_parameters(cpu_backend):
@@ -122,3 +125,29 @@ def test_cli_offers_the_registry():
         assert parser.parse_args(["train", "--model", name]).model == name
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--model", "vgg16"])
+
+
+def test_trainer_evaluates_and_predicts_in_eval_mode(cpu_backend, rng):
+    """evaluate/predict: no Dropout, BatchNorm's running statistics (not updated), and the model's mode
+    restored afterwards; a fit step in between is in training mode again."""
+    from gpu_cnn import Trainer
+
+    nn.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.9),
+                          nn.Linear(3 * 4 * 4, 2))
+    x = rng.standard_normal((6, 1, 6, 6)).astype(np.float32)
+    y = np.array([0, 1, 0, 1, 1, 0])
+    trainer = Trainer(model, batch_size=4, progress=False)
+    trainer.fit((x, y), epochs=1)
+    tracked = model.state_dict()["1.num_batches_tracked"]
+    assert tracked == 2 and model.training
+    a, b = trainer.evaluate((x, y)), trainer.evaluate((x, y))
+    assert a == b  # no Dropout: deterministic
+    assert model.training and model.state_dict()["1.num_batches_tracked"] == tracked
+    p1 = trainer.predict(x)
+    model.eval()
+    logits = model.forward(x)
+    model.train()
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(p1, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert model.training

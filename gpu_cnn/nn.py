@@ -306,7 +306,7 @@ class Module:
             p.assign(state[name])
 
     def buffers_nbytes(self):
-        return self.ws.nbytes()
+        return self.ws.nbytes() + sum(child.buffers_nbytes() for _, child in self.children())
 
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "type")

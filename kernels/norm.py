@@ -17,6 +17,7 @@ Backward (training statistics), with xhat = (x - mean) * invstd:
 
 Kernels, one idea each:
 
+    running    (eval) one thread per channel: mean, invstd from the running statistics.
     stats      one BLOCK per channel: two passes over its M values (the mean first, then the squared
                deviations: no catastrophic cancellation of E[x²] - E[x]²), each a strided sum plus a
                shared-memory tree (block_sum): deterministic, no atomics. Thread 0 writes mean, invstd
@@ -150,6 +151,16 @@ def batchnorm_stats_kernel(x, mean, invstd, running_mean, running_var, eps, mome
             running_var[c] = (float32(1.0) - momentum) * running_var[c] + momentum * unbiased
 
 
+@kernel("void(float32[::1], float32[::1], float32, float32[::1], float32[::1])")
+def batchnorm_running_kernel(running_mean, running_var, eps, mean, invstd):
+    """eval: one thread per channel, mean = running_mean, invstd = 1 / sqrt(running_var + eps)."""
+    # all (C,) float32
+    c = cuda.grid(1)
+    if c < mean.shape[0]:
+        mean[c] = running_mean[c]
+        invstd[c] = float32(1.0) / float32(math.sqrt(running_var[c] + eps))
+
+
 @kernel("void(float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], int64, int64)")
 def batchnorm_apply_kernel(x, mean, invstd, weight, bias, y, C, inner):
     """apply: one thread per element, y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]."""
@@ -261,8 +272,7 @@ def _check_nchw(name, a):
 
 def batchnorm_forward(x, weight, bias, y, mean, invstd, running_mean, running_var, eps, momentum, training):
     """Device arrays, no allocation. training: batch statistics into mean/invstd (and the running ones
-    updated when ``momentum`` is not None); else mean/invstd are read as given (the caller fills them
-    from the running statistics)."""
+    updated when ``momentum`` is not None); else mean/invstd from the running statistics."""
     shape = _check_nchw("x", x)
     c = shape[1]
     for name, a in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd),
@@ -273,6 +283,9 @@ def batchnorm_forward(x, weight, bias, y, mean, invstd, running_mean, running_va
         update = momentum is not None
         batchnorm_stats_kernel[c, RED_THREADS](x, mean, invstd, running_mean, running_var, np.float32(eps),
                                                np.float32(momentum if update else 0.0), int(update))
+    else:
+        blocks, threads = grid_1d(c)
+        batchnorm_running_kernel[blocks, threads](running_mean, running_var, np.float32(eps), mean, invstd)
     if x.size == 0:
         return y
     blocks, threads = grid_1d(x.size)

@@ -118,18 +118,8 @@ def batch_norm2d(x, weight, bias, running_mean, running_var, training, momentum,
         return out
     from ..kernels import norm as knorm
 
-    if not training:
-        _running_to_batch(running_mean, running_var, eps, mean, invstd)
     knorm.batchnorm_forward(x, weight, bias, out, mean, invstd, running_mean, running_var, eps, momentum, training)
     return out
-
-
-def _running_to_batch(running_mean, running_var, eps, mean, invstd):
-    """mean = running_mean, invstd = 1/sqrt(running_var + eps) on the device (C values: through the host)."""
-    rm = running_mean.copy_to_host()
-    rv = running_var.copy_to_host()
-    mean.copy_to_device(rm)
-    invstd.copy_to_device((1.0 / np.sqrt(rv + np.float32(eps))).astype(np.float32))
 
 
 def batch_norm2d_backward(dy, x, weight, mean, invstd, batch_stats, *, dx, dweight, dbias):

@@ -191,7 +191,13 @@ def cmd_train(args):
     from .trainer import Trainer, TrainingError
 
     _check_out(args.out)  # before the data are loaded: a refused run writes nothing
+    if args.nproc > 1 or _distributed_launch():  # data-parallel: launch the ranks, or join as one
+        from . import distributed
+
+        if distributed.launched_size() == 1:
+            return _launch_ranks(args)
     backend = _apply_backend(args)
+    root = _join_ranks()  # before any device memory: each rank picks its GPU
     train, test = _load_data(args)
     input_shape = tuple(int(s) for s in train.images.shape[1:])
     model_name = args.model or ("digits_cnn" if train.images.shape[-1] <= 10 else "lenet5")
@@ -207,32 +213,76 @@ def cmd_train(args):
             "num_classes": int(train.num_classes), "normalization": _norm(train)}
     trainer = Trainer(model, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       progress=False if args.quiet else None, checkpoint_path=ckpt, metadata=meta)
-    os.makedirs(args.out, exist_ok=True)  # only now: a refused run leaves no folder behind
-    print(f"training {model_name} on {args.dataset} ({len(train.labels)} train / {len(test.labels)} test images) "
+    if root:
+        os.makedirs(args.out, exist_ok=True)  # only now: a refused run leaves no folder behind
+    say = print if root else (lambda *a, **k: None)  # only rank 0 prints and writes
+    say(f"training {model_name} on {args.dataset} ({len(train.labels)} train / {len(test.labels)} test images) "
           f"with {args.optimizer}, lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, backend {backend}")
     t0 = time.perf_counter()
     try:
         for epoch in range(args.epochs):
             row = trainer.fit(train, epochs=1)[-1]
             if not args.quiet:
-                print(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                say(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
                       f"({row['seconds']:.1f} s)", flush=True)
     except TrainingError as exc:
-        print(f"gpu-cnn train: error: {exc}", file=sys.stderr)
+        say(f"gpu-cnn train: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     m = trainer.evaluate(test)
+    ranks = trainer.dp.size if trainer.dp else 1
+    if not root:
+        return 0
     metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"], "train_seconds": seconds,
                "epochs": args.epochs, "backend": backend, "dataset": args.dataset, "model": model_name,
                "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-               "images_per_second": len(train.labels) * args.epochs / seconds, "history": trainer.history}
+               "images_per_second": len(train.labels) * args.epochs / seconds, "ranks": ranks,
+               "history": trainer.history}
     save(model, ckpt, metadata=dict(meta, metrics={k: v for k, v in metrics.items() if k != "history"}))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"test accuracy {m['accuracy']:.4f} ({m['n']} images), loss {m['loss']:.4f}; "
-          f"trained in {seconds:.1f} s")
+          f"trained in {seconds:.1f} s ({metrics['images_per_second']:.0f} images/s"
+          f"{f' over {ranks} ranks' if ranks > 1 else ''})")
     print(f"wrote {ckpt} and {os.path.join(args.out, 'metrics.json')}")
     return 0
+
+
+def _distributed_launch():
+    """True inside one of several ranks started by mpiexec/srun (or by --nproc)."""
+    from . import distributed
+
+    return distributed.launched_size() > 1
+
+
+def _launch_ranks(args):
+    """gpu-cnn train --nproc N: the same command as N local ranks under mpiexec."""
+    import subprocess
+
+    from . import distributed
+
+    argv, skip = [], False
+    for a in args.argv:  # the command line again, without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = distributed.launch_command(args.nproc, argv)
+    print(f"launching {args.nproc} ranks: {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, **{distributed.ENV_DISTRIBUTED: "1"})
+    return subprocess.call(cmd, env=env)
+
+
+def _join_ranks():
+    """Join the MPI world when launched as a rank; True on rank 0 (or without MPI)."""
+    if not _distributed_launch():
+        return True
+    from . import distributed
+
+    os.environ[distributed.ENV_DISTRIBUTED] = "1"  # the Trainer then trains data-parallel
+    return distributed.init()[0] == 0
 
 
 def _norm(ds):
@@ -413,6 +463,9 @@ def build_parser():
     p.add_argument("--seed", type=non_negative_int, default=DEFAULTS["seed"])
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel over N local ranks via mpiexec (the batch size is global); "
+                        "clusters: mpiexec -n N gpu-cnn train ...")
     _backend_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -458,6 +511,7 @@ def main(argv=None):
     if rest and getattr(args, "func", None) is not cmd_bench:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         ap.print_help()
         return 1

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import backend as _backend
 from . import functional as F
+from . import fusion as _fusion
 from .memory import HostStaging, Workspace, format_report
 from .ops import _base
 
@@ -929,13 +930,15 @@ class Sequential(Module):
             if not np.issubdtype(host.dtype, np.floating):
                 raise TypeError(f"x: expected a floating-point batch, got dtype {host.dtype.name}")
             h, self._host_io = self.staging.to_backend("input", host), True
-        for i, layer in enumerate(self.layers):
+        self._runs = _fusion.plan(self.layers)  # runs of layers one kernel computes (gpu_cnn.fusion)
+        for i, _, run in self._runs:
+            layer = self.layers[i]
             layer.needs_input_grad = i > 0 or self.requires_input_grad
             if i > 0:  # a wrong rank here is a model built wrongly (a missing Flatten), not a bad x
                 prev = f"layer {i - 1} ({type(self.layers[i - 1]).__name__})"
                 hint = "; is an nn.Flatten() missing before it?" if len(h.shape) > 2 and isinstance(layer, Linear) else ""
                 layer.check_input(h, f"layer {i} ({type(layer).__name__}): its input from {prev}", hint)
-            h = layer.forward(h)
+            h = run.forward(h)
         self._y_shape = _shape_of(h)
         return _host_copy(h) if self._host_io else h
 
@@ -971,8 +974,8 @@ class Sequential(Module):
             dy = self.staging.to_backend("grad_output", dy)
         elif not _base.is_device_array(dy):
             dy = np.ascontiguousarray(dy, dtype=np.float32)
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        for _, _, run in reversed(self._runs):
+            dy = run.backward(dy)
         return _host_copy(dy) if (self._host_io and dy is not None) else dy
 
     def to_backend(self):

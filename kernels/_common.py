@@ -22,6 +22,7 @@ def _thread_safe_simulator_shared_arrays():
     creates it when missing, without a lock: two threads of a block arriving together can each create
     their own "shared" array, so one thread's writes never reach the others (tiled kernels then give
     wrong sums, now and then). Here the same lookup runs under a lock. Nothing changes on a GPU.
+    Launches checked by gpu_cnn.simcheck allocate their shared arrays themselves (per block, under a lock).
     """
     if not config.ENABLE_CUDASIM:
         return
@@ -52,6 +53,10 @@ def _thread_safe_simulator_shared_arrays():
 
 
 _thread_safe_simulator_shared_arrays()
+
+# Under the simulator, gpu_cnn.simcheck hooks the launches (checked inside simcheck.checking() or with
+# GPU_CNN_SIMCHECK=1; with checking off they run as before). On a GPU it refuses GPU_CNN_SIMCHECK=1.
+from gpu_cnn import simcheck as _simcheck  # noqa: E402,F401  (installs on import)
 
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}

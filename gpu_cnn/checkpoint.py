@@ -109,7 +109,8 @@ def read(path):
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported (this is {FORMAT_VERSION})")
     for k, v in arrays.items():
-        if v.dtype.kind != "f":
+        counter = k.rsplit(".", 1)[-1] == "num_batches_tracked" and v.dtype.kind in "iu" and v.shape == ()
+        if v.dtype.kind != "f" and not counter:  # BatchNorm's batch counter is an integer, as in PyTorch
             raise CheckpointError(f"{path}: entry {k!r} has dtype {v.dtype}, expected floating point")
     return arrays, meta
 
@@ -261,10 +262,19 @@ def _check_architecture(arch, n_values):
             if layers + len(stack) + len(children) > MAX_LAYERS:
                 raise _ArchitectureError(f"more than {MAX_LAYERS} layers")
             stack.extend((s, f"{where}.layers[{i}]", depth + 1) for i, s in reversed(list(enumerate(children))))
+        elif kind == "Residual":
+            children = [(spec.get(k), k) for k in ("block", "shortcut") if spec.get(k) is not None]
+            if children and depth + 1 > MAX_DEPTH:
+                raise _ArchitectureError(f"{where}: modules nested deeper than {MAX_DEPTH} levels")
+            stack.extend((s, f"{where}.{k}", depth + 1) for s, k in children)
+        elif kind == "BatchNorm2d":
+            params += 4 * _size(spec, "num_features", where)
         elif kind == "Conv2d":
             c_in, c_out = (_size(spec, k, where) for k in ("in_channels", "out_channels"))
             kh, kw = _kernel_size(spec, where)
-            params += c_out * c_in * kh * kw + (c_out if spec.get("bias", True) is not False else 0)
+            groups = spec.get("groups", 1)
+            groups = groups if _is_size(groups) and c_in % groups == 0 else 1
+            params += c_out * (c_in // groups) * kh * kw + (c_out if spec.get("bias", True) is not False else 0)
         elif kind == "Linear":
             n_in, n_out = (_size(spec, k, where) for k in ("in_features", "out_features"))
             params += n_out * n_in + (n_out if spec.get("bias", True) is not False else 0)

@@ -204,7 +204,7 @@ def cmd_train(args):
     train, test = _load_data(args)
     input_shape = tuple(int(s) for s in train.images.shape[1:])
     model_name = args.model or ("digits_cnn" if train.images.shape[-1] <= 10 else "lenet5")
-    model = models.get_model(model_name, num_classes=train.num_classes, seed=args.seed)
+    model = models.get_model(model_name, num_classes=train.num_classes, seed=args.seed, input_shape=input_shape)
     try:
         model.output_shape(input_shape)  # clear error now if the model does not fit the data
     except ValueError as exc:
@@ -456,7 +456,9 @@ def build_parser():
     p = sub.add_parser("train", help="train a CNN and write DIR/model.npz and DIR/metrics.json")
     p.add_argument("--dataset", default=DEFAULTS["dataset"], help="digits (default, bundled), mnist, fashion-mnist, synthetic")
     p.add_argument("--data-dir", help="folder with the IDX files (mnist, fashion-mnist); nothing is downloaded")
-    p.add_argument("--model", choices=("lenet5", "digits_cnn"), help="default: digits_cnn for 8×8 data, lenet5 for 28×28")
+    from .models import MODELS
+
+    p.add_argument("--model", choices=tuple(MODELS), help="default: digits_cnn for 8×8 data, lenet5 for 28×28")
     p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"])

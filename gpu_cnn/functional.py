@@ -7,14 +7,20 @@ Host float64 input is computed in float32. Every op also takes a keyword-only ``
 """
 from .ops.conv import conv2d, conv2d_backward, conv2d_relu_maxpool2d
 from .ops.activation import relu, relu_backward, bias_relu
-from .ops.pool import max_pool2d, max_pool2d_backward
+from .ops.pool import (
+    adaptive_avg_pool2d, adaptive_avg_pool2d_backward, avg_pool2d, avg_pool2d_backward, max_pool2d,
+    max_pool2d_backward,
+)
+from .ops.norm import add, batch_norm2d, batch_norm2d_backward, dropout, dropout_backward
 from .ops.dense import linear, linear_backward
 from .ops.softmax import softmax_cross_entropy, softmax_cross_entropy_backward
 
 __all__ = [
     "conv2d", "conv2d_backward", "conv2d_relu_maxpool2d",
     "relu", "relu_backward", "bias_relu",
-    "max_pool2d", "max_pool2d_backward",
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward",
+    "batch_norm2d", "batch_norm2d_backward", "dropout", "dropout_backward", "add",
     "linear", "linear_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward",
 ]

@@ -1,5 +1,11 @@
-"""Layers and containers, PyTorch-like: ``Conv2d``, ``ReLU``, ``MaxPool2d``, ``Flatten``, ``Linear``,
-``Sequential``.
+"""Layers and containers, PyTorch-like: ``Conv2d``, ``ReLU``, ``MaxPool2d``, ``AvgPool2d``,
+``AdaptiveAvgPool2d``, ``BatchNorm2d``, ``Dropout``, ``Flatten``, ``Linear``, ``Sequential``, ``Residual``.
+
+Every module has ``train()`` / ``eval()`` (``training``, True on construction; containers pass it to
+their children): BatchNorm2d uses batch statistics in training and its running statistics in eval,
+Dropout drops only in training. ``state_dict`` holds the parameters and the buffers (BatchNorm's
+``running_mean``, ``running_var``, ``num_batches_tracked``), keyed as PyTorch names them.
+``model.summary(input_shape)`` prints each layer's output shape and parameter count.
 
 A layer owns its parameters and their gradients, and its buffers (output, input gradient, pool argmax)
 in a :class:`gpu_cnn.memory.Workspace`, allocated on the first forward for a batch size and reused
@@ -102,6 +108,36 @@ class Parameter:
             self.data.copy_to_device(host)
 
 
+class Buffer:
+    """A float32 state tensor of the backend's kind that is not trained (BatchNorm's running statistics)."""
+
+    integer = False
+
+    def __init__(self, host):
+        host = np.ascontiguousarray(host, dtype=np.float32)
+        self.shape = host.shape
+        self.data = _base.to_device(host) if _backend.uses_kernels() else host.copy()
+
+    numpy = Parameter.numpy
+    assign = Parameter.assign
+
+
+class Counter:
+    """An integer held on the host (BatchNorm's ``num_batches_tracked``), saved as a 0-d int64 array."""
+
+    integer = True
+    shape = ()
+
+    def __init__(self, value=0):
+        self.value = int(value)
+
+    def numpy(self):
+        return np.array(self.value, np.int64)
+
+    def assign(self, host):
+        self.value = int(np.asarray(host))
+
+
 def _view(flat, off, n, shape):
     """flat[off:off + n] seen as `shape` (a view, no copy)."""
     v = flat[off:off + n]
@@ -122,6 +158,7 @@ class Module:
     def __init__(self):
         self.ws = Workspace(type(self).__name__)
         self.needs_input_grad = True
+        self.training = True
         self._y_shape = None  # shape of the last successful forward's output; None: no forward yet
 
     # -- what each layer defines
@@ -134,9 +171,68 @@ class Module:
     def named_parameters(self):
         return []
 
+    def named_buffers(self):
+        """(name, Buffer or Counter) of the state that is saved but not trained."""
+        return []
+
+    def children(self):
+        """(name, module) of the modules this one contains (containers)."""
+        return []
+
+    def modules(self):
+        """This module and every module inside it, depth first."""
+        out = [self]
+        for _, child in self.children():
+            out.extend(child.modules())
+        return out
+
+    def train(self, mode=True):
+        """Training mode (True) or evaluation mode (False) for this module and every module inside it."""
+        mode = _flag("mode", mode)
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        """Evaluation mode: ``train(False)``."""
+        return self.train(False)
+
     def output_shape(self, in_shape):
         """Shape of one sample's output given one sample's input shape (no batch axis)."""
         return tuple(in_shape)
+
+    def summary(self, input_shape, print_fn=print):
+        """Print (and return) a table of every layer's output shape and parameter count for one sample
+        of `input_shape` (no batch axis), like Keras' ``model.summary()`` and torchinfo."""
+        rows = []
+        self._summary_rows(tuple(int(v) for v in input_shape), type(self).__name__, -1, rows)
+        if len(rows) > 1 and self.children():
+            rows = rows[1:]  # the model itself is the total line
+        total = sum(int(np.prod(p.shape)) for p in self.parameters())
+        width = max([len(r[0]) for r in rows] + [12]) + 2
+        lines = [f"{'Layer (type)':<{width}}{'Output shape':<22}{'Param #':>10}", "=" * (width + 32)]
+        for name, shape, params in rows:
+            lines.append(f"{name:<{width}}{str(('N',) + tuple(shape)).replace(chr(39), ''):<22}{params:>10,}")
+        lines += ["=" * (width + 32), f"Total params: {total:,}",
+                  f"Input: (N, {', '.join(map(str, input_shape))}); output: "
+                  f"(N, {', '.join(map(str, self.output_shape(tuple(input_shape))))})"]
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def _summary_rows(self, in_shape, name, depth, rows):
+        out = self.output_shape(in_shape)
+        own = sum(int(np.prod(p.shape)) for p in self.parameters())
+        rows.append(("  " * max(depth, 0) + (f"{name} ({type(self).__name__})" if name != type(self).__name__
+                                             else name), out, own))
+        shape = in_shape
+        for child_name, child in self.children():
+            if child_name == "shortcut":
+                child._summary_rows(in_shape, child_name, depth + 1, rows)
+            else:
+                shape = child._summary_rows(shape, child_name, depth + 1, rows)
+        return out
 
     def spec(self):
         """A JSON-able description from which :func:`from_spec` rebuilds the layer."""
@@ -223,21 +319,27 @@ class Module:
             _base.fill(p.grad, 0.0)
 
     def state_dict(self):
-        """Host copies of the parameters, keyed as PyTorch names them."""
-        return {name: p.numpy() for name, p in self.named_parameters()}
+        """Host copies of the parameters and buffers, keyed as PyTorch names them."""
+        out = {name: p.numpy() for name, p in self.named_parameters()}
+        out.update((name, b.numpy()) for name, b in self.named_buffers())
+        return out
 
     def load_state_dict(self, state):
         """Copy values in place. Missing, unexpected or wrongly shaped entries raise a clear error."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state: expected a dict of arrays (name -> array), got {type(state).__name__}")
         own = dict(self.named_parameters())
+        own.update(self.named_buffers())
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
             raise KeyError(f"state_dict does not match the model: missing {missing}, unexpected {extra}")
         for name, p in own.items():
             value = np.asarray(state[name])
-            if not np.issubdtype(value.dtype, np.floating):
+            if getattr(p, "integer", False):
+                if not np.issubdtype(value.dtype, np.integer):
+                    raise TypeError(f"state_dict[{name!r}]: expected an integer count, got {value.dtype}")
+            elif not np.issubdtype(value.dtype, np.floating):
                 raise TypeError(f"state_dict[{name!r}]: expected floating values, got {value.dtype}")
             if value.shape != p.shape:
                 raise ValueError(f"state_dict[{name!r}]: expected shape {p.shape}, got {value.shape}")
@@ -245,7 +347,7 @@ class Module:
             p.assign(state[name])
 
     def buffers_nbytes(self):
-        return self.ws.nbytes()
+        return self.ws.nbytes() + sum(child.buffers_nbytes() for _, child in self.children())
 
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "type")
@@ -271,21 +373,40 @@ def _sliding_out(who, what, h, w, k, s, p):
 
 
 class Conv2d(Module):
-    """2-D convolution (cross-correlation), NCHW, weight (C_out, C_in, kH, kW)."""
+    """2-D convolution (cross-correlation), NCHW, weight (C_out, C_in/groups, kH, kW).
+
+    PyTorch's arguments: stride, padding (an int, a pair, 'same' or 'valid'), dilation, groups
+    (depthwise: groups = in_channels), bias. ``padding_mode`` other than 'zeros' is not supported."""
 
     input_rank = (4, "(N, C, H, W)")
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros"):
         super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode: only 'zeros' is supported by gpu-cnn, got {padding_mode!r}")
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _base.pair("kernel_size", kernel_size, 1)
         self.stride = _base.pair("stride", stride, 1)
-        self.padding = _base.pair("padding", padding, 0)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding: 'same' is not supported for strided convolutions (stride "
+                                 f"{self.stride}), as in PyTorch")
+            self.padding = padding
+        else:
+            self.padding = _base.pair("padding", padding, 0)
+        self.dilation = _base.pair("dilation", dilation, 1)
+        self.groups = positive_int("groups", groups)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups: in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
+                             f"must both be divisible by groups ({self.groups})")
         bias = _flag("bias", bias)
         kh, kw = self.kernel_size
-        fan_in = self.in_channels * kh * kw
-        w = _rng.normal(0.0, np.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels, kh, kw))
+        fan_in = self.in_channels // self.groups * kh * kw
+        w = _rng.normal(0.0, np.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels // self.groups, kh, kw))
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(self.out_channels)) if bias else None
         self._x = None
@@ -293,12 +414,31 @@ class Conv2d(Module):
     def named_parameters(self):
         return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
 
+    def _pads(self):
+        """(top, bottom, left, right) padding (PyTorch's 'same': the odd extra at the bottom/right)."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            th = self.dilation[0] * (self.kernel_size[0] - 1)
+            tw = self.dilation[1] * (self.kernel_size[1] - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        return (self.padding[0], self.padding[0], self.padding[1], self.padding[1])
+
     def output_shape(self, in_shape):
         c, h, w = _sample_chw("Conv2d", in_shape)
         if c != self.in_channels:
             raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {c}")
-        return (self.out_channels,) + _sliding_out("Conv2d", "filter", h, w, self.kernel_size, self.stride,
-                                                   self.padding)
+        t, b, l, r = self._pads()
+        k = (self.dilation[0] * (self.kernel_size[0] - 1) + 1, self.dilation[1] * (self.kernel_size[1] - 1) + 1)
+        if h + t + b < k[0] or w + l + r < k[1]:
+            raise ValueError(
+                f"kernel_size: Conv2d's filter {self.kernel_size}"
+                f"{'' if self.dilation == (1, 1) else f' (spanning {k} with dilation {self.dilation})'} is "
+                f"larger than the padded input {(h + t + b, w + l + r)} (input {(h, w)}, padding {self.padding})")
+        return (self.out_channels, (h + t + b - k[0]) // self.stride[0] + 1, (w + l + r - k[1]) // self.stride[1] + 1)
+
+    def _conv_kw(self):
+        return {"dilation": self.dilation, "groups": self.groups}
 
     def forward(self, x):
         self._begin_forward(x)
@@ -306,7 +446,7 @@ class Conv2d(Module):
         out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
         y = self.ws.get("output", out_shape)
         F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
-                 self.stride, self.padding, out=y)
+                 self.stride, self.padding, out=y, **self._conv_kw())
         self._x, self._y_shape = x, _shape_of(y)
         return y
 
@@ -316,13 +456,19 @@ class Conv2d(Module):
         dx = self.ws.get("grad_input", x.shape) if self.needs_input_grad else None
         F.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding,
                           out=(dx, self.weight.grad, None if self.bias is None else self.bias.grad),
-                          need_dx=self.needs_input_grad, bias=self.bias is not None)
+                          need_dx=self.needs_input_grad, bias=self.bias is not None, **self._conv_kw())
         return dx
 
     def spec(self):
-        return {"type": "Conv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
+        spec = {"type": "Conv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding), "bias": self.bias is not None}
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "bias": self.bias is not None}
+        if self.dilation != (1, 1):  # written only when used: older checkpoints keep their architecture
+            spec["dilation"] = list(self.dilation)
+        if self.groups != 1:
+            spec["groups"] = self.groups
+        return spec
 
 
 class ReLU(Module):
@@ -344,25 +490,52 @@ class ReLU(Module):
         return dx
 
 
+def _pool_out(who, in_shape, k, s, p, d=(1, 1), ceil_mode=False):
+    """(C, Ho, Wo) of a pooling layer, PyTorch's rule (ceil_mode drops a last window that would start
+    past the input and its left padding), or a clear error when the window does not fit."""
+    c, h, w = _sample_chw(who, in_shape)
+    e = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+    if h + 2 * p[0] < e[0] or w + 2 * p[1] < e[1]:
+        raise ValueError(f"kernel_size: {who}'s window {k}{'' if e == k else f' (spanning {e} with dilation {d})'} "
+                         f"is larger than the padded input "
+                         f"{(h + 2 * p[0], w + 2 * p[1])} (input {(h, w)}, padding {p})")
+
+    def axis(size, kk, ss, pp, dd):
+        span = size + 2 * pp - dd * (kk - 1) - 1
+        out = (span + (ss - 1 if ceil_mode else 0)) // ss + 1
+        return out - 1 if ceil_mode and (out - 1) * ss >= size + pp else out
+    return (c, axis(h, k[0], s[0], p[0], d[0]), axis(w, k[1], s[1], p[1], d[1]))
+
+
+def _pool_padding(k, p):
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:  # the functional ops' rule, checked now rather than at forward
+        raise ValueError(
+            f"padding: must be at most kernel_size // 2 = {(k[0] // 2, k[1] // 2)} per axis "
+            f"(so every window holds a real cell), got {p} with kernel_size {k}")
+
+
 class MaxPool2d(Module):
-    """Max pooling; forward keeps the argmax of every output for backward."""
+    """Max pooling; forward keeps the argmax of every output for backward. PyTorch's arguments
+    (dilation, ceil_mode); ``return_indices`` is not supported (the layer keeps them itself)."""
 
     input_rank = (4, "(N, C, H, W)")
 
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False):
         super().__init__()
+        if return_indices is not False:
+            raise ValueError("return_indices: not supported by nn.MaxPool2d in gpu-cnn (F.max_pool2d returns "
+                             "the indices)")
         self.kernel_size = k = _base.pair("kernel_size", kernel_size, 1)
         self.stride = self.kernel_size if stride is None else _base.pair("stride", stride, 1)
         self.padding = p = _base.pair("padding", padding, 0)
-        if p[0] > k[0] // 2 or p[1] > k[1] // 2:  # F.max_pool2d's rule, checked now rather than at forward
-            raise ValueError(
-                f"padding: must be at most kernel_size // 2 = {(k[0] // 2, k[1] // 2)} per axis "
-                f"(so every window holds a real cell), got {p} with kernel_size {k}")
+        self.dilation = _base.pair("dilation", dilation, 1)
+        self.ceil_mode = _flag("ceil_mode", ceil_mode)
+        _pool_padding(k, p)
         self._x_shape = self._idx = None
 
     def output_shape(self, in_shape):
-        c, h, w = _sample_chw("MaxPool2d", in_shape)
-        return (c,) + _sliding_out("MaxPool2d", "window", h, w, self.kernel_size, self.stride, self.padding)
+        return _pool_out("MaxPool2d", in_shape, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.ceil_mode)
 
     def forward(self, x):
         self._begin_forward(x)
@@ -370,7 +543,7 @@ class MaxPool2d(Module):
         out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
         y = self.ws.get("output", out_shape)
         idx = self.ws.get("argmax", out_shape, np.int32)
-        F.max_pool2d(x, self.kernel_size, self.stride, self.padding, out=(y, idx))
+        F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, out=(y, idx))
         self._x_shape, self._idx, self._y_shape = _shape_of(x), idx, _shape_of(y)
         return y
 
@@ -378,13 +551,243 @@ class MaxPool2d(Module):
         dy = self._grad_output(dy)
         x_shape, idx = self._cached("_x_shape"), self._cached("_idx")
         dx = self.ws.get("grad_input", x_shape)
-        F.max_pool2d_backward(dy, idx, x_shape, self.kernel_size, self.stride, self.padding, out=dx,
-                              check_idx=False)  # its own forward's idx
+        F.max_pool2d_backward(dy, idx, x_shape, self.kernel_size, self.stride, self.padding, self.dilation,
+                              self.ceil_mode, out=dx, check_idx=False)  # its own forward's idx
         return dx
 
     def spec(self):
-        return {"type": "MaxPool2d", "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+        spec = {"type": "MaxPool2d", "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding)}
+        if self.dilation != (1, 1):  # written only when used: older checkpoints keep their architecture
+            spec["dilation"] = list(self.dilation)
+        if self.ceil_mode:
+            spec["ceil_mode"] = True
+        return spec
+
+
+class AvgPool2d(Module):
+    """Average pooling, PyTorch's arguments and divisor rule (count_include_pad); divisor_override is
+    not supported."""
+
+    input_rank = (4, "(N, C, H, W)")
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+        super().__init__()
+        if divisor_override is not None:
+            raise ValueError(f"divisor_override: not supported by gpu-cnn, got {divisor_override!r}")
+        self.kernel_size = k = _base.pair("kernel_size", kernel_size, 1)
+        self.stride = self.kernel_size if stride is None else _base.pair("stride", stride, 1)
+        self.padding = p = _base.pair("padding", padding, 0)
+        self.ceil_mode = _flag("ceil_mode", ceil_mode)
+        self.count_include_pad = _flag("count_include_pad", count_include_pad)
+        _pool_padding(k, p)
+        self._x_shape = None
+
+    def output_shape(self, in_shape):
+        return _pool_out("AvgPool2d", in_shape, self.kernel_size, self.stride, self.padding, (1, 1), self.ceil_mode)
+
+    def _kw(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad)
+
+    def forward(self, x):
+        self._begin_forward(x)
+        out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
+        y = self.ws.get("output", out_shape)
+        F.avg_pool2d(x, out=y, **self._kw())
+        self._x_shape, self._y_shape = _shape_of(x), _shape_of(y)
+        return y
+
+    def backward(self, dy):
+        dy = self._grad_output(dy)
+        x_shape = self._cached("_x_shape")
+        dx = self.ws.get("grad_input", x_shape)
+        F.avg_pool2d_backward(dy, x_shape, out=dx, **self._kw())
+        return dx
+
+    def spec(self):
+        return {"type": "AvgPool2d", "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "ceil_mode": self.ceil_mode,
+                "count_include_pad": self.count_include_pad}
+
+
+class AdaptiveAvgPool2d(Module):
+    """Adaptive average pooling to ``output_size`` (an int or a pair; None keeps that axis); 1 is global
+    average pooling."""
+
+    input_rank = (4, "(N, C, H, W)")
+
+    def __init__(self, output_size):
+        super().__init__()
+        if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
+            self.output_size = tuple(None if v is None else positive_int("output_size", v) for v in output_size)
+        else:
+            self.output_size = _base.pair("output_size", output_size, 1)
+        self._x_shape = None
+
+    def output_shape(self, in_shape):
+        c, h, w = _sample_chw("AdaptiveAvgPool2d", in_shape)
+        oh, ow = self.output_size
+        return (c, h if oh is None else oh, w if ow is None else ow)
+
+    def forward(self, x):
+        self._begin_forward(x)
+        out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
+        y = self.ws.get("output", out_shape)
+        F.adaptive_avg_pool2d(x, out_shape[2:], out=y)
+        self._x_shape, self._y_shape = _shape_of(x), _shape_of(y)
+        return y
+
+    def backward(self, dy):
+        dy = self._grad_output(dy)
+        x_shape = self._cached("_x_shape")
+        dx = self.ws.get("grad_input", x_shape)
+        F.adaptive_avg_pool2d_backward(dy, x_shape, out=dx)
+        return dx
+
+    def spec(self):
+        return {"type": "AdaptiveAvgPool2d", "output_size": list(self.output_size)}
+
+
+def _real(name, value, low, high, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+        raise ValueError(f"{name}: expected a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+    return value
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation over (N, H, W) per channel, PyTorch's arguments and state_dict keys.
+
+    Training: batch statistics (biased variance to normalise), running statistics updated with
+    ``momentum`` (the unbiased variance; ``momentum=None``: a cumulative average, 1/num_batches_tracked);
+    eval: the running statistics (with ``track_running_stats=False``: batch statistics always).
+    ``affine``: learnable weight (ones) and bias (zeros). backward WRITES weight.grad and bias.grad."""
+
+    input_rank = (4, "(N, C, H, W)")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.num_features = c = positive_int("num_features", num_features)
+        self.eps = _real("eps", eps, 0.0, np.inf, low_open=True)
+        self.momentum = None if momentum is None else _real("momentum", momentum, 0.0, 1.0)
+        self.affine = _flag("affine", affine)
+        self.track_running_stats = _flag("track_running_stats", track_running_stats)
+        self.weight = Parameter(np.ones(c)) if self.affine else None
+        self.bias = Parameter(np.zeros(c)) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = Buffer(np.zeros(c))
+            self.running_var = Buffer(np.ones(c))
+            self.num_batches_tracked = Counter(0)
+        self._x = None
+
+    def named_parameters(self):
+        return [("weight", self.weight), ("bias", self.bias)] if self.affine else []
+
+    def named_buffers(self):
+        if not self.track_running_stats:
+            return []
+        return [("running_mean", self.running_mean), ("running_var", self.running_var),
+                ("num_batches_tracked", self.num_batches_tracked)]
+
+    def output_shape(self, in_shape):
+        c, h, w = _sample_chw("BatchNorm2d", in_shape)
+        if c != self.num_features:
+            raise ValueError(f"BatchNorm2d expects {self.num_features} channels (num_features), got {c}")
+        return (c, h, w)
+
+    def _constant(self, name, value):
+        a = self.ws.get(name, (self.num_features,))
+        _base.fill(a, value)
+        return a
+
+    def forward(self, x):
+        self._begin_forward(x)
+        self._x = None
+        shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
+        batch_stats = self.training or not self.track_running_stats
+        if batch_stats and shape[0] * shape[2] * shape[3] < 2:
+            raise ValueError(f"x: BatchNorm2d needs more than 1 value per channel in training, got input "
+                             f"shape {shape}")
+        y = self.ws.get("output", shape)
+        mean, invstd = self.ws.get("mean", (shape[1],)), self.ws.get("invstd", (shape[1],))
+        w = self.weight.data if self.affine else self._constant("ones", 1.0)
+        b = self.bias.data if self.affine else self._constant("zeros", 0.0)
+        momentum = None
+        if self.track_running_stats:
+            rm, rv = self.running_mean.data, self.running_var.data
+            if self.training:
+                self.num_batches_tracked.value += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.value
+        else:
+            rm, rv = mean, invstd  # never read (batch statistics, momentum None)
+        F.batch_norm2d(x, w, b, rm, rv, batch_stats, momentum, self.eps, out=y, mean=mean, invstd=invstd)
+        self._x, self._batch_stats, self._y_shape = x, batch_stats, _shape_of(y)
+        return y
+
+    def backward(self, dy):
+        dy = self._grad_output(dy)
+        x = self._cached("_x")
+        c = self.num_features
+        dx = self.ws.get("grad_input", x.shape) if self.needs_input_grad else None
+        w = self.weight.data if self.affine else self.ws.get("ones", (c,))
+        dw = self.weight.grad if self.affine else self.ws.get("dweight", (c,))
+        db = self.bias.grad if self.affine else self.ws.get("dbias", (c,))
+        F.batch_norm2d_backward(dy, x, w, self.ws.get("mean", (c,)), self.ws.get("invstd", (c,)), self._batch_stats,
+                                dx=dx, dweight=dw, dbias=db)
+        return dx
+
+    def spec(self):
+        return {"type": "BatchNorm2d", "num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats}
+
+
+class Dropout(Module):
+    """Zero each element with probability p in training (the rest scaled by 1/(1 - p)); identity in eval.
+
+    The mask is a counter-based hash of (seed, step, element index), so cpu, sim and cuda drop the same
+    elements: ``seed`` (default: drawn from the generator :func:`manual_seed` seeds) and ``step``, the
+    number of training forwards so far (``dropout.step``). ``inplace`` is accepted and has no effect
+    (the layer writes its own buffer)."""
+
+    def __init__(self, p=0.5, inplace=False, seed=None):
+        super().__init__()
+        self.p = _real("p", p, 0.0, 1.0)
+        _flag("inplace", inplace)
+        if seed is None:
+            seed = int(_rng.integers(0, 2**31))
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        self.seed = int(seed)
+        self.step = 0
+        self._active = False
+
+    def forward(self, x):
+        self._begin_forward(x)
+        self._active = self.training and self.p > 0
+        if not self._active:
+            self._y_shape = _shape_of(x)
+            return x
+        self.step += 1
+        y = self.ws.get("output", _shape_of(x))
+        F.dropout(x, self.p, self.seed, self.step, out=y)
+        self._y_shape = _shape_of(y)
+        return y
+
+    def backward(self, dy):
+        dy = self._grad_output(dy)
+        if not self._active:
+            return dy
+        dx = self.ws.get("grad_input", _shape_of(dy))
+        F.dropout_backward(dy, self.p, self.seed, self.step, out=dx)
+        return dx
+
+    def spec(self):
+        return {"type": "Dropout", "p": self.p, "seed": self.seed}
 
 
 class Flatten(Module):
@@ -473,10 +876,14 @@ class Sequential(Module):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential: layer {i} is a {type(layer).__name__}, not a gpu_cnn.nn.Module")
         self.layers = list(layers)
+        for layer in self.layers:
+            if isinstance(layer, (Sequential, Residual)):
+                layer._nested = True  # a container inside a container: it gets backend arrays, no staging
         self.backend = _backend.get_backend()
         self.staging = HostStaging()
         self.requires_input_grad = False
         self._host_io = False
+        self._nested = False
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -486,6 +893,12 @@ class Sequential(Module):
 
     def named_parameters(self):
         return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.named_parameters()]
+
+    def named_buffers(self):
+        return [(f"{i}.{name}", b) for i, layer in enumerate(self.layers) for name, b in layer.named_buffers()]
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def output_shape(self, in_shape):
         shape = tuple(in_shape)
@@ -506,8 +919,10 @@ class Sequential(Module):
     def forward(self, x):
         """Logits for a batch x (N, C, H, W) (or whatever rank the first layer takes); a host batch
         gives host logits, a device batch device logits."""
-        self._check_backend()
         self._y_shape = None
+        if self._nested:  # inside another container: x is already a backend array
+            return self._forward_nested(x)
+        self._check_backend()
         if _base.is_device_array(x):  # each layer checks the rank of its own input
             h, self._host_io = _base.as_input("x", x)[0], False
         else:
@@ -527,8 +942,23 @@ class Sequential(Module):
         self._y_shape = _shape_of(h)
         return _host_copy(h) if self._host_io else h
 
+    def _forward_nested(self, h):
+        for i, layer in enumerate(self.layers):
+            layer.needs_input_grad = i > 0 or self.needs_input_grad
+            if i > 0:
+                layer.check_input(h, f"layer {i} ({type(layer).__name__}): its input from layer {i - 1} "
+                                     f"({type(self.layers[i - 1]).__name__})")
+            h = layer.forward(h)
+        self._y_shape = _shape_of(h)
+        return h
+
     def backward(self, dy):
         """Gradients for dy = dLoss/dlogits, of the shape the last forward returned (N, classes)."""
+        if self._nested:
+            dy = self._grad_output(dy)
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+            return dy
         self._check_backend()
         if self._y_shape is None:
             raise RuntimeError("Sequential: backward() called before forward() (or after a forward that failed)")
@@ -550,14 +980,15 @@ class Sequential(Module):
 
     def to_backend(self):
         """Move parameters to the current backend (values kept; buffers replanned)."""
-        state = {name: p.numpy() for name, p in self.named_parameters()}
+        state = self.state_dict()
         self.backend = _backend.get_backend()
-        for layer in self.layers:
-            for attr in ("weight", "bias"):
-                p = getattr(layer, attr, None)
-                if isinstance(p, Parameter):
-                    setattr(layer, attr, Parameter(p.numpy()))
+        for layer in self.modules()[1:]:
+            for attr, p in list(vars(layer).items()):
+                if isinstance(p, (Parameter, Buffer)):
+                    setattr(layer, attr, type(p)(p.numpy()))
             layer.ws = Workspace(type(layer).__name__)
+            if isinstance(layer, Sequential):
+                layer.backend = self.backend
         self.staging = HostStaging()
         self.load_state_dict(state)
         if getattr(self, "flat_parameters", None) is not None:  # it was flat: it stays flat, on the new backend
@@ -586,7 +1017,95 @@ class Sequential(Module):
         return f"Sequential(\n{inner}\n)"
 
 
-_TYPES = {cls.__name__: cls for cls in (Conv2d, ReLU, MaxPool2d, Flatten, Linear, Sequential)}
+class Residual(Module):
+    """y = block(x) + shortcut(x): the shortcut is the identity by default, or a module (e.g. a 1×1
+    strided Conv2d + BatchNorm2d) when the block changes the shape. Parameter names follow PyTorch's
+    for a module with attributes ``block`` and ``shortcut`` ("block.0.weight", "shortcut.1.running_mean").
+    backward sends dy through both branches and returns their sum."""
+
+    def __init__(self, block, shortcut=None):
+        super().__init__()
+        for name, m in (("block", block), ("shortcut", shortcut)):
+            if m is not None and not isinstance(m, Module):
+                raise TypeError(f"{name}: expected a gpu_cnn.nn.Module, got {type(m).__name__}")
+        if block is None:
+            raise TypeError("block: expected a gpu_cnn.nn.Module, got None")
+        self.block, self.shortcut = block, shortcut
+        for m in (block, shortcut):
+            if isinstance(m, (Sequential, Residual)):
+                m._nested = True
+        self._nested = False
+        self._x_shape = None
+
+    def children(self):
+        return [("block", self.block)] + ([("shortcut", self.shortcut)] if self.shortcut is not None else [])
+
+    def named_parameters(self):
+        return [(f"{n}.{k}", p) for n, m in self.children() for k, p in m.named_parameters()]
+
+    def named_buffers(self):
+        return [(f"{n}.{k}", b) for n, m in self.children() for k, b in m.named_buffers()]
+
+    def output_shape(self, in_shape):
+        out = self.block.output_shape(in_shape)
+        short = tuple(in_shape) if self.shortcut is None else self.shortcut.output_shape(in_shape)
+        if tuple(out) != tuple(short):
+            raise ValueError(f"Residual: the block gives {tuple(out)} but the shortcut gives {tuple(short)} "
+                             f"for input {tuple(in_shape)}; give a shortcut that matches (e.g. a 1x1 strided Conv2d)")
+        return tuple(out)
+
+    def forward(self, x):
+        self._begin_forward(x)
+        self._x_shape = None
+        out_shape = (x.shape[0],) + self.output_shape(tuple(x.shape[1:]))
+        for m in (self.block, self.shortcut):
+            if m is not None:
+                m.needs_input_grad = self.needs_input_grad
+        a = self.block.forward(x)
+        b = x if self.shortcut is None else self.shortcut.forward(x)
+        y = self.ws.get("output", out_shape)
+        F.add(a, b, out=y)
+        self._x_shape, self._y_shape = _shape_of(x), _shape_of(y)
+        return y
+
+    def backward(self, dy):
+        dy = self._grad_output(dy)
+        self._cached("_x_shape")
+        da = self.block.backward(dy)
+        db = dy if self.shortcut is None else self.shortcut.backward(dy)
+        if not self.needs_input_grad:
+            return None
+        dx = self.ws.get("grad_input", self._x_shape)
+        F.add(da, db, out=dx)
+        return dx
+
+    def spec(self):
+        return {"type": "Residual", "block": self.block.spec(),
+                "shortcut": None if self.shortcut is None else self.shortcut.spec()}
+
+    def __repr__(self):
+        return f"Residual(block={self.block!r}, shortcut={self.shortcut!r})"
+
+
+_TYPES = {cls.__name__: cls for cls in (Conv2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm2d, Dropout,
+                                        Flatten, Linear, Sequential, Residual)}
+
+# PyTorch layers gpu-cnn does not have: nn.<name> says so instead of an AttributeError
+_NOT_SUPPORTED = {
+    "ConvTranspose1d": "transposed convolutions", "ConvTranspose2d": "transposed convolutions",
+    "ConvTranspose3d": "transposed convolutions", "Conv1d": "1-D convolutions (use Conv2d with a 1-row filter)",
+    "Conv3d": "3-D convolutions", "MaxPool1d": "1-D pooling", "MaxPool3d": "3-D pooling",
+    "AvgPool1d": "1-D pooling", "AvgPool3d": "3-D pooling", "BatchNorm1d": "1-D batch normalisation",
+    "BatchNorm3d": "3-D batch normalisation", "LayerNorm": "layer normalisation", "GroupNorm": "group normalisation",
+    "Dropout2d": "channel-wise dropout", "AdaptiveMaxPool2d": "adaptive max pooling",
+}
+
+
+def __getattr__(name):
+    if name in _NOT_SUPPORTED:
+        raise AttributeError(f"nn.{name}: {_NOT_SUPPORTED[name]} are not supported by gpu-cnn; "
+                             f"supported layers: {', '.join(_TYPES)}")
+    raise AttributeError(f"module 'gpu_cnn.nn' has no attribute {name!r}")
 
 
 def from_spec(spec):
@@ -597,6 +1116,9 @@ def from_spec(spec):
     args = {k: v for k, v in spec.items() if k != "type"}
     if kind == "Sequential":
         return Sequential(*[from_spec(s) for s in args["layers"]])
+    if kind == "Residual":
+        short = args.get("shortcut")
+        return Residual(from_spec(args["block"]), None if short is None else from_spec(short))
     for k, v in args.items():
         if isinstance(v, list):
             args[k] = tuple(v)

@@ -311,12 +311,17 @@ class Trainer:
         if self.dp:  # distributed hook: each rank evaluates every size-th image
             x, y = x[self.dp.rank::self.dp.size], y[self.dp.rank::self.dp.size]
         total, correct = 0.0, 0
-        for start in range(0, len(y), self.batch_size):
-            xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
-            logits = self.model.forward(self._images(xb))
-            loss, probs, _, _ = self._loss(logits, yb)
-            total += loss * len(yb)
-            correct += int((_host(probs).argmax(axis=1) == yb).sum())
+        was_training = self.model.training
+        self.model.eval()  # BatchNorm's running statistics, no Dropout
+        try:
+            for start in range(0, len(y), self.batch_size):
+                xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
+                logits = self.model.forward(self._images(xb))
+                loss, probs, _, _ = self._loss(logits, yb)
+                total += loss * len(yb)
+                correct += int((_host(probs).argmax(axis=1) == yb).sum())
+        finally:
+            self.model.train(was_training)
         if self.dp:
             total, correct = self.dp.sum_metrics(total, correct)
         return {"loss": total / n, "accuracy": correct / n, "n": int(n)}
@@ -337,9 +342,14 @@ class Trainer:
         if x.shape[0] == 0:
             return np.zeros((0, classes), np.float32)
         out = []
-        for start in range(0, x.shape[0], self.batch_size):
-            logits = _host(self.model.forward(self.staging.to_backend("x", x[start:start + self.batch_size])))
-            out.append(_softmax(logits))
+        was_training = self.model.training
+        self.model.eval()  # BatchNorm's running statistics, no Dropout
+        try:
+            for start in range(0, x.shape[0], self.batch_size):
+                logits = _host(self.model.forward(self.staging.to_backend("x", x[start:start + self.batch_size])))
+                out.append(_softmax(logits))
+        finally:
+            self.model.train(was_training)
         return np.concatenate(out)
 
     # -- helpers

@@ -999,6 +999,202 @@ _FORWARD = {"naive": conv2d_forward_naive, "tiled": conv2d_forward_tiled,
             "implicit_gemm": conv2d_forward_implicit_gemm}
 
 
+# --- general: dilation, groups, asymmetric padding (naive kernels, one thread or block per element) ------
+#
+#   x: (N, C, H, W)   w: (O, C/groups, kH, kW)   y: (N, O, Ho, Wo)
+#   y[n, o, ho, wo] = b[o] + Σ_{cl, i, j} x[n, g*Cg + cl, ho*sh - pt + i*dh, wo*sw - pl + j*dw] * w[o, cl, i, j]
+#   with Cg = C / groups, Og = O / groups, g = o // Og (the output channel's group).
+#
+# Only the top/left padding (pt, pl) enters the index math; the bottom/right padding only sets Ho, Wo
+# (the y the launcher is given), so PyTorch's asymmetric padding='same' needs nothing more.
+
+# (x, w, b, y, has_bias, sh, sw, pt, pl, dh, dw, groups)
+GENERAL_FORWARD_SIGNATURE = (
+    "void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[::1], float32[:, :, :, ::1], "
+    "int64, int64, int64, int64, int64, int64, int64, int64)"
+)
+
+
+@kernel(GENERAL_FORWARD_SIGNATURE)
+def conv2d_forward_general_kernel(x, w, b, y, has_bias, sh, sw, pt, pl, dh, dw, groups):
+    """general: naive forward with dilation and groups (depthwise: groups = C), one thread per output."""
+    # x: (N, C, H, W) float32; w: (O, C/groups, kH, kW); b: (O,) (read only when has_bias); y: (N, O, Ho, Wo)
+    N, H, W = x.shape[0], x.shape[2], x.shape[3]
+    O, CG, KH, KW = w.shape[0], w.shape[1], w.shape[2], w.shape[3]
+    Ho, Wo = y.shape[2], y.shape[3]
+    OG = O // groups
+    t = cuda.grid(1)
+    n, o, ho, wo = unravel4(t, O, Ho, Wo)
+    if t < N * O * Ho * Wo:
+        c0 = (o // OG) * CG  # first input channel of this output channel's group
+        h0 = ho * sh - pt
+        w0 = wo * sw - pl
+        acc = float32(0.0)
+        for cl in range(CG):
+            for i in range(KH):
+                hi = h0 + i * dh
+                if hi >= 0 and hi < H:
+                    for j in range(KW):
+                        wi = w0 + j * dw
+                        if wi >= 0 and wi < W:
+                            acc += x[n, c0 + cl, hi, wi] * w[o, cl, i, j]
+        if has_bias:
+            acc += b[o]
+        y[n, o, ho, wo] = acc
+
+
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], "
+        "int64, int64, int64, int64, int64, int64, int64)")
+def conv2d_backward_input_general_kernel(dy, w, dx, sh, sw, pt, pl, dh, dw, groups):
+    """general gather: one thread per input element; taps i*dh apart, only its group's output channels."""
+    # dy: (N, O, Ho, Wo) float32; w: (O, C/groups, kH, kW); dx: (N, C, H, W)
+    N, C, H, W = dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]
+    O, CG, KH, KW = w.shape[0], w.shape[1], w.shape[2], w.shape[3]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    OG = O // groups
+    t = cuda.grid(1)
+    n, c, hx, wx = unravel4(t, C, H, W)
+    if t < N * C * H * W:
+        g = c // CG
+        cl = c - g * CG
+        acc = float32(0.0)
+        for i in range(KH):
+            th = hx + pt - i * dh  # = ho*sh for the output row whose tap i reads row hx
+            if th >= 0 and th % sh == 0 and th // sh < Ho:
+                a = th // sh
+                for j in range(KW):
+                    tw = wx + pl - j * dw
+                    if tw >= 0 and tw % sw == 0 and tw // sw < Wo:
+                        bb = tw // sw
+                        for m in range(OG):
+                            o = g * OG + m
+                            acc += dy[n, o, a, bb] * w[o, cl, i, j]
+        dx[n, c, hx, wx] = acc
+
+
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], "
+        "int64, int64, int64, int64, int64, int64, int64)")
+def conv2d_backward_weight_general_kernel(dy, x, dwt, sh, sw, pt, pl, dh, dw, groups):
+    """general dW: one block per weight element (o, cl, i, j), strided partial sums, shared-memory tree."""
+    # dy: (N, O, Ho, Wo) float32; x: (N, C, H, W); dwt: (O, C/groups, kH, kW), one block per element
+    part = cuda.shared.array(RED_THREADS, float32)
+    N, H, W = x.shape[0], x.shape[2], x.shape[3]
+    O, CG, KH, KW = dwt.shape[0], dwt.shape[1], dwt.shape[2], dwt.shape[3]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    OG = O // groups
+    tid = cuda.threadIdx.x
+    blk = cuda.blockIdx.x
+    o, cl, i, j = unravel4(blk, CG, KH, KW)
+    valid = blk < O * CG * KH * KW  # uniform over the block: every thread still reaches the barriers
+    c = (o // OG) * CG + cl
+    total = N * Ho * Wo
+
+    acc = float32(0.0)
+    if valid:
+        for e0 in range(0, total, RED_THREADS):
+            e = e0 + tid
+            if e < total:
+                n, _, ho, wo = unravel4(e, 1, Ho, Wo)
+                hi = ho * sh - pt + i * dh
+                wi = wo * sw - pl + j * dw
+                if hi >= 0 and hi < H and wi >= 0 and wi < W:
+                    acc += dy[n, o, ho, wo] * x[n, c, hi, wi]
+    part[tid] = acc
+    block_sum(part, tid)
+    if valid and tid == 0:
+        dwt[o, cl, i, j] = part[0]
+
+
+def _general_params(stride, pads, dilation, groups):
+    """(sh, sw, pt, pl, dh, dw, groups) as Python ints from validated arguments; pads = (top, bottom,
+    left, right)."""
+    sh, sw, _, _ = _params(stride, (0, 0))
+    if not (isinstance(pads, (tuple, list)) and len(pads) == 4 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in pads)):
+        raise TypeError(f"padding: expected (top, bottom, left, right) ints >= 0, got {pads!r}")
+    dh, dw, _, _ = _params(dilation, (0, 0))
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    return sh, sw, int(pads[0]), int(pads[2]), dh, dw, int(groups)
+
+
+def general_output_shape(x_shape, w_shape, stride, pads, dilation, groups):
+    """(N, O, Ho, Wo) of the general convolution, after checking that x and w fit together."""
+    n, c, h, wd = x_shape
+    o, cg, kh, kw = w_shape
+    sh, sw, _, _, dh, dw, g = _general_params(stride, pads, dilation, groups)
+    if c % g or o % g or cg != c // g:
+        raise ValueError(f"w: expected (C_out, C_in/groups, kH, kW) with C_in = {c} and C_out divisible by "
+                         f"groups = {g}, got w {tuple(w_shape)}")
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    hp, wp = h + pads[0] + pads[1], wd + pads[2] + pads[3]
+    if hp < eh or wp < ew:
+        raise ValueError(f"w: dilated filter {(eh, ew)} is larger than the padded input {(hp, wp)}")
+    return (n, o, (hp - eh) // sh + 1, (wp - ew) // sw + 1)
+
+
+def conv2d_forward_general(x, w, b, y, stride, pads, dilation, groups):
+    """y = conv(x, w) + b with dilation, groups and (top, bottom, left, right) padding; naive, one thread
+    per output. b may be None."""
+    out_shape = general_output_shape(_check4("x", x), _check4("w", w), stride, pads, dilation, groups)
+    check_device_array("y", y, shape=out_shape)
+    if b is not None:
+        check_device_array("b", b, shape=(out_shape[1],))
+    if 0 in out_shape:
+        return y
+    bias_arg = b if b is not None else y[0, 0, 0]  # never read without a bias
+    blocks, threads = grid_1d(int(np.prod(out_shape)))
+    conv2d_forward_general_kernel[blocks, threads](x, w, bias_arg, y, int(b is not None),
+                                                   *_general_params(stride, pads, dilation, groups))
+    return y
+
+
+def conv2d_backward_input_general(dy, w, dx, stride, pads, dilation, groups):
+    """dx of the general convolution, one thread per input element (written in full, no atomics)."""
+    out_shape = general_output_shape(_check4("dx", dx), _check4("w", w), stride, pads, dilation, groups)
+    check_device_array("dy", dy, shape=out_shape)
+    if 0 in dx.shape:
+        return dx
+    blocks, threads = grid_1d(int(np.prod(dx.shape)))
+    conv2d_backward_input_general_kernel[blocks, threads](dy, w, dx, *_general_params(stride, pads, dilation, groups))
+    return dx
+
+
+def conv2d_backward_weight_general(dy, x, dw, stride, pads, dilation, groups):
+    """dw of the general convolution, one block per weight element (written in full)."""
+    out_shape = general_output_shape(_check4("x", x), _check4("dw", dw), stride, pads, dilation, groups)
+    check_device_array("dy", dy, shape=out_shape)
+    if 0 in dw.shape:
+        return dw
+    if out_shape[0] == 0:
+        fill(dw, 0.0)
+        return dw
+    conv2d_backward_weight_general_kernel[int(np.prod(dw.shape)), RED_THREADS](
+        dy, x, dw, *_general_params(stride, pads, dilation, groups))
+    return dw
+
+
+def conv2d_general_reference(x, w, b=None, stride=(1, 1), pads=(0, 0, 0, 0), dilation=(1, 1), groups=1):
+    """float64 y of the general convolution, tap by tap, one group at a time."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    (sh, sw), (dh, dw) = stride, dilation
+    n, o, ho, wo = general_output_shape(x.shape, w.shape, stride, pads, dilation, groups)
+    cg, kh, kw = w.shape[1:]
+    og = o // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[1]), (pads[2], pads[3])))
+    y = np.zeros((n, o, ho, wo))
+    for g in range(groups):
+        for i in range(kh):
+            for j in range(kw):
+                patch = xp[:, g * cg:(g + 1) * cg, i * dh:i * dh + (ho - 1) * sh + 1:sh,
+                           j * dw:j * dw + (wo - 1) * sw + 1:sw]
+                y[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, w[g * og:(g + 1) * og, :, i, j])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return y
+
+
 # --- dispatcher --------------------------------------------------------------------------------------
 
 
@@ -1079,5 +1275,7 @@ __all__ = [
     "output_size", "tiled_supported", "implicit_gemm_supported", "fused_output_shape", "wgrad_splits",
     "conv2d_reference", "conv2d_backward_reference", "conv2d_relu_maxpool_reference",
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
+    "general_output_shape", "conv2d_forward_general", "conv2d_backward_input_general",
+    "conv2d_backward_weight_general", "conv2d_general_reference",
     "conv2d_backward", "conv2d_relu_maxpool_fused",
 ]

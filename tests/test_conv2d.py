@@ -420,7 +420,7 @@ def _ok():
 
 
 @pytest.mark.parametrize("mutate,exc,match", [
-    (lambda a: dict(a, x=a["x"][0]), ValueError, "x: expected a 4-D"),
+    (lambda a: dict(a, x=a["x"][0, 0]), ValueError, "x: 1-D convolutions .* not supported"),  # 3-D: unbatched
     (lambda a: dict(a, w=a["w"][0]), ValueError, "w: expected a 4-D"),
     (lambda a: dict(a, w=np.zeros((4, 2, 3, 3), np.float32)), ValueError, "w: expected C_in = 3"),
     (lambda a: dict(a, b=np.zeros(5, np.float32)), ValueError, "b: expected shape \\(4,\\)"),
@@ -457,7 +457,7 @@ def test_forward_rejects_bad_input(backend, mutate, exc, match):
     (lambda a: dict(a, dy=np.zeros((2, 4, 4), np.float32)), ValueError, "dy: expected a 4-D"),
     (lambda a: dict(a, dy=np.zeros((2, 4, 4, 3), np.int64)), TypeError, "dy: expected a floating-point"),
     (lambda a: dict(a, w=np.zeros((4, 2, 3, 3), np.float32)), ValueError, "w: expected C_in = 3"),
-    (lambda a: dict(a, x=a["x"][None]), ValueError, "x: expected a 4-D"),
+    (lambda a: dict(a, x=a["x"][None]), ValueError, "x: 3-D convolutions .* not supported"),
     (lambda a: dict(a, stride=(0, 1)), ValueError, "stride"),
     (lambda a: dict(a, padding=(-1, 0)), ValueError, "padding"),
     (lambda a: dict(a, w=np.zeros((4, 3, 3, 6), np.float32)), ValueError, "w: filter .* larger than the padded input"),

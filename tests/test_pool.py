@@ -383,7 +383,7 @@ def test_out_on_the_host(cpu_backend, rng):
 def test_forward_bad_inputs_raise_clear_errors(backend):
     x = np.ones((1, 2, 5, 5), np.float32)
     with pytest.raises(ValueError, match="x"):
-        max_pool2d(np.ones((2, 5, 5), np.float32))  # rank 3
+        max_pool2d(np.ones((5, 5), np.float32))  # rank 2 (rank 3 is an unbatched (C, H, W) image)
     with pytest.raises(TypeError, match="x"):
         max_pool2d(np.ones((1, 2, 5, 5), np.int32))
     with pytest.raises(ValueError, match="kernel_size"):
@@ -436,7 +436,7 @@ def test_backward_bad_inputs_raise_clear_errors(backend):
     with pytest.raises(TypeError, match="idx"):
         max_pool2d_backward(dy, None, shape, 2)
     with pytest.raises(TypeError, match="x_shape"):
-        max_pool2d_backward(dy, idx, (2, 5, 5), 2)
+        max_pool2d_backward(dy, idx, (5, 5), 2)  # (C, H, W) is an unbatched image; 2 entries are nothing
     with pytest.raises(ValueError, match="x_shape"):
         max_pool2d_backward(dy, idx, (1, 2, 0, 5), 2)
     with pytest.raises(ValueError, match="kernel_size"):
@@ -522,3 +522,125 @@ def test_check_idx_false_skips_only_the_window_pass(cpu_backend, rng):
         max_pool2d_backward(dy, idx.astype(np.int64) + 2**32, x.shape, 3, 2, 1, check_idx=False)
     with pytest.raises(ValueError, match="found -1"):
         max_pool2d_backward(dy, np.full_like(idx, -1), x.shape, 3, 2, 1, check_idx=False)
+
+
+# --- PyTorch's other pooling arguments: dilation, ceil_mode, avg_pool2d, adaptive_avg_pool2d, unbatched ----
+# Against PyTorch float64 (tests/data/torch_layers.npz, from tests/data/make_torch_layers.py), forward
+# and backward, on cpu and on the kernel backend (shapes tiny and odd: every window kind once).
+
+from pathlib import Path  # noqa: E402
+
+from gpu_cnn import nn  # noqa: E402
+from gpu_cnn.ops.pool import (  # noqa: E402
+    adaptive_avg_pool2d, adaptive_avg_pool2d_backward, avg_pool2d, avg_pool2d_backward,
+)
+
+TORCH = np.load(Path(__file__).parent / "data" / "torch_layers.npz")
+MAXPOOL_KW = {
+    "dil2": dict(kernel_size=3, stride=2, padding=1, dilation=2),
+    "ceil": dict(kernel_size=2, stride=2, ceil_mode=True),
+    "ceil-pad-s2": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+    "dil-ceil": dict(kernel_size=(2, 3), stride=(2, 3), padding=(1, 0), dilation=(2, 1), ceil_mode=True),
+    "unbatched": dict(kernel_size=3, stride=1, padding=1),
+}
+AVGPOOL_KW = {
+    "k3s2p1": dict(kernel_size=3, stride=2, padding=1),
+    "k3s2p1-nopad": dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+    "ceil": dict(kernel_size=2, stride=2, ceil_mode=True),
+    "ceil-pad": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+    "ceil-pad-nopad": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+    "rect": dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1)),
+    "unbatched": dict(kernel_size=2),
+}
+ADAPTIVE_SIZE = {"global": 1, "3x2": (3, 2), "upsample": (5, 4), "none-axis": (4, None), "unbatched": (2, 4)}
+# sums of at most 9 float32 values against float64
+POOL_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _torch(kind, name):
+    return {k.split("/")[2]: TORCH[k] for k in TORCH if k.startswith(f"{kind}/{name}/")}
+
+
+def test_torch_cases_are_what_they_claim():
+    assert set(MAXPOOL_KW) == {k.split("/")[1] for k in TORCH if k.startswith("maxpool/")}
+    assert set(AVGPOOL_KW) == {k.split("/")[1] for k in TORCH if k.startswith("avgpool/")}
+    assert set(ADAPTIVE_SIZE) == {k.split("/")[1] for k in TORCH if k.startswith("adaptive/")}
+    # ceil_mode adds a partial window in these cases (else they would test nothing new)
+    for kind, kw_of in (("maxpool", MAXPOOL_KW), ("avgpool", AVGPOOL_KW)):
+        for name, kw in kw_of.items():
+            if kw.get("ceil_mode"):
+                c = _torch(kind, name)
+                k, s, p = (pair(kw.get(a, d)) for a, d in (("kernel_size", 1), ("stride", kw["kernel_size"]),
+                                                           ("padding", 0)))
+                d = pair(kw.get("dilation", 1))
+                floor = [(c["x"].shape[2 + a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in (0, 1)]
+                assert list(c["y"].shape[2:]) != floor, (kind, name)
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@pytest.mark.parametrize("name", sorted(MAXPOOL_KW))
+def test_max_pool_dilation_ceil_unbatched_match_pytorch(backend, name):
+    c, kw = _torch("maxpool", name), MAXPOOL_KW[name]
+    y, idx = max_pool2d(c["x"], **kw)
+    np.testing.assert_array_equal(y, c["y"].astype(np.float32))  # a max is exact
+    np.testing.assert_array_equal(idx, c["idx"])  # PyTorch's flat h*W + w in the plane, as ours
+    dx = max_pool2d_backward(c["dy"], idx, c["x"].shape, **kw)
+    np.testing.assert_allclose(dx, c["dx"], **POOL_TOL)
+
+
+@pytest.mark.parametrize("name", sorted(AVGPOOL_KW))
+def test_avg_pool_matches_pytorch(backend, name):
+    c, kw = _torch("avgpool", name), AVGPOOL_KW[name]
+    y = avg_pool2d(c["x"], **kw)
+    np.testing.assert_allclose(y, c["y"], **POOL_TOL)
+    dx = avg_pool2d_backward(c["dy"], c["x"].shape, **kw)
+    np.testing.assert_allclose(dx, c["dx"], **POOL_TOL)
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_SIZE))
+def test_adaptive_avg_pool_matches_pytorch(backend, name):
+    c = _torch("adaptive", name)
+    y = adaptive_avg_pool2d(c["x"], ADAPTIVE_SIZE[name])
+    np.testing.assert_allclose(y, c["y"], **POOL_TOL)
+    dx = adaptive_avg_pool2d_backward(c["dy"], c["x"].shape)
+    np.testing.assert_allclose(dx, c["dx"], **POOL_TOL)
+
+
+def test_pool_layers_match_pytorch(backend):
+    c, kw = _torch("avgpool", "ceil-pad-nopad"), AVGPOOL_KW["ceil-pad-nopad"]
+    for layer, case in ((nn.AvgPool2d(**kw), c), (nn.AdaptiveAvgPool2d((3, 2)), _torch("adaptive", "3x2")),
+                        (nn.MaxPool2d(**MAXPOOL_KW["dil-ceil"]), _torch("maxpool", "dil-ceil"))):
+        model = nn.Sequential(layer)
+        model.requires_input_grad = True
+        np.testing.assert_allclose(model.forward(case["x"]), case["y"], **POOL_TOL)
+        assert layer.output_shape(case["x"].shape[1:]) == case["y"].shape[1:]
+        np.testing.assert_allclose(model.backward(case["dy"]), case["dx"], **POOL_TOL)
+        assert nn.from_spec(layer.spec()).spec() == layer.spec()
+
+
+def test_new_pool_arguments_refused_clearly(cpu_backend):
+    x = np.ones((1, 2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="dilation"):
+        max_pool2d(x, 2, dilation=0)
+    with pytest.raises(TypeError, match="ceil_mode"):
+        max_pool2d(x, 2, ceil_mode=1)
+    with pytest.raises(ValueError, match="kernel_size: window .* with dilation"):
+        max_pool2d(x, 3, dilation=3)
+    with pytest.raises(ValueError, match="divisor_override: not supported"):
+        avg_pool2d(x, 2, divisor_override=3)
+    with pytest.raises(ValueError, match="padding"):
+        avg_pool2d(x, 2, padding=2)
+    with pytest.raises(ValueError, match="output_size"):
+        adaptive_avg_pool2d(x, 0)
+    with pytest.raises(ValueError, match="3-D pooling"):
+        avg_pool2d(x[None], 2)
+    with pytest.raises(AttributeError, match="3-D pooling are not supported"):
+        nn.MaxPool3d
+    with pytest.raises(ValueError, match="return_indices: not supported"):
+        nn.MaxPool2d(2, return_indices=True)
+    with pytest.raises(ValueError, match="idx"):  # a dilated window holds every other cell only
+        max_pool2d_backward(np.ones((1, 2, 1, 1), np.float32), np.full((1, 2, 1, 1), 1, np.int32), (1, 2, 3, 3),
+                            2, 1, 0, dilation=2)

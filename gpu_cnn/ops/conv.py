@@ -45,6 +45,7 @@ dW and db block reductions; no atomics; the fused conv + ReLU + 2x2 max-pool).
 Host float64 input is computed in float32.
 """
 import collections
+import numbers
 import threading
 
 import numpy as np
@@ -256,19 +257,32 @@ def _cpu_backward_slice(dy, x, w, s, p, dx, dw, db):
 # public ops
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
-    """Cross-correlation of x (N, C_in, H, W) with w (C_out, C_in, kH, kW), plus b (C_out,) if given.
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, out=None, version=None):
+    """Cross-correlation of x (N, C_in, H, W) with w (C_out, C_in/groups, kH, kW), plus b (C_out,) if given.
 
-    stride, padding: an int or a pair (rows, cols); zero padding. Returns y (N, C_out, Ho, Wo) with
-    Ho = (H + 2*ph - kH) // sh + 1 (likewise Wo), written into ``out`` when given (no allocation).
+    stride, dilation: an int or a pair (rows, cols). padding: an int, a pair, ``'valid'`` (0) or
+    ``'same'`` (stride 1 only; the output keeps H, W; when the total padding dilation*(k-1) is odd the
+    extra row/column goes at the bottom/right, as in PyTorch); zero padding. groups: C_in and C_out
+    split into ``groups`` independent convolutions (depthwise: groups = C_in, C_out a multiple of it).
+    Returns y (N, C_out, Ho, Wo) with Ho = (H + 2*ph - dh*(kH-1) - 1) // sh + 1 (likewise Wo), written
+    into ``out`` when given (no allocation). An unbatched x (C_in, H, W) gives an unbatched y.
     ``version`` picks the forward kernel on cuda/sim (:data:`VERSIONS`: ``naive``, ``tiled`` or
     ``implicit_gemm``; None: ``implicit_gemm`` where it applies on a GPU, else ``tiled`` where it
-    applies, else ``naive``) and is ignored on cpu. Host float64 input is computed
-    in float32.
+    applies, else ``naive``) when dilation = groups = 1 and the padding is symmetric; otherwise the
+    ``general`` kernel runs. Ignored on cpu. Host float64 input is computed in float32.
     """
     _check_version(version)
-    s = pair("stride", stride, 1)
-    p = pair("padding", padding, 0)
+    x, unbatched = _unbatch("x", x)
+    g = _general_args(x, w, stride, padding, dilation, groups)
+    if not _is_plain(g):
+        y = _conv2d_general(x, w, b, g, out=_unbatch_out(out, unbatched))
+        return _rebatch(y, unbatched)
+    s, pads = g[0], g[1]
+    y = _conv2d_plain(x, w, b, s, (pads[0], pads[2]), _unbatch_out(out, unbatched), version)
+    return _rebatch(y, unbatched)
+
+
+def _conv2d_plain(x, w, b, s, p, out, version):
     x, on_host = as_input("x", x, 4, _X_LAYOUT)
     w, _ = as_input("w", w, 4, _W_LAYOUT)
     _check_dims("x", x, batch=True)
@@ -290,21 +304,41 @@ def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
     return result(y, on_host)
 
 
-def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bias=True, version=None):
-    """Gradients of y = conv2d(x, w, b, stride, padding) given dy = dL/dy: returns (dx, dw, db).
+def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, *, out=None, need_dx=True,
+                    bias=True, version=None):
+    """Gradients of y = conv2d(x, w, b, stride, padding, dilation, groups) given dy = dL/dy: returns
+    (dx, dw, db).
 
-    dx (N, C_in, H, W), None when ``need_dx`` is False (a first layer skips it); dw (C_out, C_in, kH,
-    kW); db (C_out,) = Σ over (N, Ho, Wo) of dy, None when ``bias`` is False (the layer has no bias).
+    dx (N, C_in, H, W), None when ``need_dx`` is False (a first layer skips it); dw (C_out, C_in/groups,
+    kH, kW); db (C_out,) = Σ over (N, Ho, Wo) of dy, None when ``bias`` is False (the layer has no bias).
     Each is WRITTEN in full, not accumulated. ``out`` is a tuple (dx, dw, db) of preallocated arrays of
     the backend's kind; an entry may be None (then allocated when needed; with every needed entry given
-    nothing is allocated). Host float64 input is computed in float32. ``version`` picks the kernels on
-    cuda/sim (:data:`BACKWARD_VERSIONS`: ``implicit_gemm``, dX as the transposed implicit GEMM and dW +
-    db as a deterministic split-K GEMM; ``direct``, the gather and block-reduction kernels; None: the
-    first where it applies) and is ignored on cpu.
+    nothing is allocated). Unbatched dy (C_out, Ho, Wo) and x (C_in, H, W) give an unbatched dx. Host
+    float64 input is computed in float32. ``version`` picks the kernels on cuda/sim when dilation =
+    groups = 1 and the padding is symmetric (:data:`BACKWARD_VERSIONS`: ``implicit_gemm``, dX as the
+    transposed implicit GEMM and dW + db as a deterministic split-K GEMM; ``direct``, the gather and
+    block-reduction kernels; None: the first where it applies); otherwise the ``general`` kernels run.
+    Ignored on cpu.
     """
     check_version(version, BACKWARD_VERSIONS, "conv2d backward")
-    s = pair("stride", stride, 1)
-    p = pair("padding", padding, 0)
+    x, unbatched = _unbatch("x", x)
+    if unbatched:
+        dy, dy_unbatched = _unbatch("dy", dy)
+        if not dy_unbatched:
+            raise ValueError(f"dy: expected an unbatched (C_out, H_out, W_out) array like x, got shape "
+                             f"{tuple(dy.shape)}")
+        if out is not None and isinstance(out, (tuple, list)) and len(out) == 3:
+            out = (_unbatch_out(out[0], True), out[1], out[2])
+    g = _general_args(x, w, stride, padding, dilation, groups)
+    if not _is_plain(g):
+        dx, dw, db = _conv2d_backward_general(dy, x, w, g, out, need_dx, bias)
+    else:
+        s, pads = g[0], g[1]
+        dx, dw, db = _conv2d_backward_plain(dy, x, w, s, (pads[0], pads[2]), out, need_dx, bias, version)
+    return _rebatch(dx, unbatched), dw, db
+
+
+def _conv2d_backward_plain(dy, x, w, s, p, out, need_dx, bias, version):
     dy, on_host = as_input("dy", dy, 4, _DY_LAYOUT)
     x, _ = as_input("x", x, 4, _X_LAYOUT)
     w, _ = as_input("w", w, 4, _W_LAYOUT)
@@ -314,17 +348,7 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bi
     if tuple(dy.shape) != out_shape:
         raise ValueError(f"dy: expected shape {out_shape} (the output of x {tuple(x.shape)} with w "
                          f"{tuple(w.shape)}, stride {s}, padding {p}), got {tuple(dy.shape)}")
-    if out is not None and not (isinstance(out, (tuple, list)) and len(out) == 3):
-        raise TypeError("out: expected a tuple (dx, dw, db); an entry may be None")
-    dx = dw = db = None
-    if need_dx:
-        dx = _out_entry(out, 0, "dx", x.shape)
-        dx = empty(x.shape) if dx is None else dx
-    dw = _out_entry(out, 1, "dw", w.shape)
-    dw = empty(w.shape) if dw is None else dw
-    if bias:
-        db = _out_entry(out, 2, "db", (out_shape[1],))
-        db = empty((out_shape[1],)) if db is None else db
+    dx, dw, db = _backward_outs(out, x.shape, w.shape, out_shape[1], need_dx, bias)
 
     if not _backend.uses_kernels():
         _cpu_backward(dy, x, w, s, p, dx, dw, db)
@@ -333,6 +357,208 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bi
 
     kconv.conv2d_backward(dy, x, w, dx, dw, db, s, p, version=version)
     return result(dx, on_host), result(dw, on_host), result(db, on_host)
+
+
+def _backward_outs(out, x_shape, w_shape, c_out, need_dx, bias):
+    if out is not None and not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError("out: expected a tuple (dx, dw, db); an entry may be None")
+    dx = db = None
+    if need_dx:
+        dx = _out_entry(out, 0, "dx", x_shape)
+        dx = empty(x_shape) if dx is None else dx
+    dw = _out_entry(out, 1, "dw", w_shape)
+    dw = empty(w_shape) if dw is None else dw
+    if bias:
+        db = _out_entry(out, 2, "db", (c_out,))
+        db = empty((c_out,)) if db is None else db
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# dilation, groups, 'same'/'valid' padding, unbatched input (the general path)
+#
+# cpu: the input zero-padded once (asymmetrically where 'same' asks), then a loop over the kH*kW taps,
+# each one batched product per group (einsum "ngchw,gmc->ngmhw": a GEMM per group, an element-wise
+# product for depthwise) -- the float64 reference's scheme, in float32. dX is the transpose, tap by tap,
+# added into the padded dx. cuda/sim: the ``general`` kernels of gpu_cnn.kernels.conv2d.
+
+
+def _unbatch(name, a):
+    """(a as a batch, whether it came unbatched (3-D)); other ranks are left to the rank checks."""
+    shape = getattr(a, "shape", None)
+    if shape is None:
+        if a is None:
+            return a, False
+        a = np.asarray(a)
+        shape = a.shape
+    if len(shape) == 3:
+        return a.reshape((1,) + tuple(shape)), True
+    if len(shape) in (2, 5):
+        what = "1-D" if len(shape) == 2 else "3-D"
+        raise ValueError(f"{name}: {what} convolutions ({len(shape)}-D input) are not supported; conv2d takes "
+                         f"(N, C, H, W) or unbatched (C, H, W), got shape {tuple(shape)}")
+    return a, False
+
+
+def _unbatch_out(out, unbatched):
+    if out is None or not unbatched or isinstance(out, (tuple, list)):
+        return out
+    return out.reshape((1,) + tuple(out.shape)) if len(out.shape) == 3 else out
+
+
+def _rebatch(y, unbatched):
+    return y.reshape(tuple(y.shape[1:])) if (unbatched and y is not None) else y
+
+
+def _general_args(x, w, stride, padding, dilation, groups):
+    """The normalised (stride, (top, bottom, left, right), dilation, groups)."""
+    d = pair("dilation", dilation, 1)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups: expected a positive int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    groups = int(groups)
+    s = pair("stride", stride, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if s != (1, 1):
+                raise ValueError(f"padding: 'same' is not supported for strided convolutions (stride {s}), "
+                                 "as in PyTorch")
+            kshape = getattr(w, "shape", None)
+            if kshape is None or len(kshape) != 4:
+                w_arr = np.asarray(w) if kshape is None else w
+                raise ValueError(f"w: expected a 4-D array {_W_LAYOUT}, got shape {tuple(w_arr.shape)}")
+            th, tw = d[0] * (int(kshape[2]) - 1), d[1] * (int(kshape[3]) - 1)
+            pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            raise ValueError(f"padding: expected an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        p = pair("padding", padding, 0)
+        pads = (p[0], p[0], p[1], p[1])
+    return s, pads, d, groups
+
+
+def _is_plain(g):
+    """Whether the plain kernels (and the im2col cpu path) apply: dilation 1, groups 1, symmetric padding."""
+    s, pads, d, groups = g
+    return d == (1, 1) and groups == 1 and pads[0] == pads[1] and pads[2] == pads[3]
+
+
+def _general_geometry(x_shape, w_shape, g):
+    s, pads, d, groups = g
+    n, c, h, wd = x_shape
+    o, cg, kh, kw = w_shape
+    if c % groups:
+        raise ValueError(f"groups: C_in = {c} (x {tuple(x_shape)}) is not divisible by groups = {groups}")
+    if o % groups:
+        raise ValueError(f"groups: C_out = {o} (w {tuple(w_shape)}) is not divisible by groups = {groups}")
+    if cg != c // groups:
+        raise ValueError(f"w: expected C_in/groups = {c // groups} input channels per filter (x is "
+                         f"{tuple(x_shape)}, groups = {groups}), got w of shape {tuple(w_shape)}")
+    eh, ew = d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1
+    hp, wp = h + pads[0] + pads[1], wd + pads[2] + pads[3]
+    if hp < eh or wp < ew:
+        raise ValueError(f"w: filter {(kh, kw)} with dilation {d} spans {(eh, ew)}, larger than the padded "
+                         f"input {(hp, wp)} (input {(h, wd)}, padding {pads})")
+    return (n, o, (hp - eh) // s[0] + 1, (wp - ew) // s[1] + 1)
+
+
+def _conv2d_general(x, w, b, g, out=None):
+    x, on_host = as_input("x", x, 4, _X_LAYOUT)
+    w, _ = as_input("w", w, 4, "(C_out, C_in/groups, kH, kW)")
+    _check_dims("x", x, batch=True)
+    _check_dims("w", w)
+    out_shape = _general_geometry(tuple(x.shape), tuple(w.shape), g)
+    if b is not None:
+        b, _ = as_input("b", b, 1, "(C_out,)")
+        if tuple(b.shape) != (out_shape[1],):
+            raise ValueError(f"b: expected shape ({out_shape[1]},), one value per output channel of w "
+                             f"{tuple(w.shape)}, got {tuple(b.shape)}")
+    y = empty(out_shape) if out is None else check_out("out", out, out_shape)
+    s, pads, d, groups = g
+    if not _backend.uses_kernels():
+        _cpu_general_forward(x, w, b, s, pads, d, groups, y)
+        return y
+    from ..kernels import conv2d as kconv
+
+    kconv.conv2d_forward_general(x, w, b, y, s, pads, d, groups)
+    return result(y, on_host)
+
+
+def _conv2d_backward_general(dy, x, w, g, out, need_dx, bias):
+    dy, on_host = as_input("dy", dy, 4, _DY_LAYOUT)
+    x, _ = as_input("x", x, 4, _X_LAYOUT)
+    w, _ = as_input("w", w, 4, "(C_out, C_in/groups, kH, kW)")
+    _check_dims("x", x, batch=True)
+    _check_dims("w", w)
+    out_shape = _general_geometry(tuple(x.shape), tuple(w.shape), g)
+    s, pads, d, groups = g
+    if tuple(dy.shape) != out_shape:
+        raise ValueError(f"dy: expected shape {out_shape} (the output of x {tuple(x.shape)} with w "
+                         f"{tuple(w.shape)}, stride {s}, padding {pads}, dilation {d}, groups {groups}), "
+                         f"got {tuple(dy.shape)}")
+    dx, dw, db = _backward_outs(out, x.shape, w.shape, out_shape[1], need_dx, bias)
+    if not _backend.uses_kernels():
+        _cpu_general_backward(dy, x, w, s, pads, d, groups, dx, dw, db)
+        return dx, dw, db
+    from ..kernels import conv2d as kconv
+
+    if dx is not None:
+        kconv.conv2d_backward_input_general(dy, w, dx, s, pads, d, groups)
+    kconv.conv2d_backward_weight_general(dy, x, dw, s, pads, d, groups)
+    if db is not None:
+        kconv.conv2d_backward_bias(dy, db)
+    return result(dx, on_host), result(dw, on_host), result(db, on_host)
+
+
+def _tap(i, d, s, n_out):
+    return slice(i * d, i * d + (n_out - 1) * s + 1, s)
+
+
+def _cpu_general_forward(x, w, b, s, pads, d, groups, y):
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    ho, wo = y.shape[2:]
+    og = o // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[1]), (pads[2], pads[3])))
+    xg = xp.reshape(n, groups, cg, xp.shape[2], xp.shape[3])
+    wg = w.reshape(groups, og, cg, kh, kw)
+    acc = np.zeros((n, groups, og, ho, wo), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xg[:, :, :, _tap(i, d[0], s[0], ho), _tap(j, d[1], s[1], wo)]
+            acc += np.einsum("ngchw,gmc->ngmhw", patch, wg[:, :, :, i, j], optimize=True)
+    acc = acc.reshape(n, o, ho, wo)
+    if b is not None:
+        acc += b[None, :, None, None]
+    np.copyto(y, acc)
+
+
+def _cpu_general_backward(dy, x, w, s, pads, d, groups, dx, dw, db):
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    ho, wo = dy.shape[2:]
+    og = o // groups
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[1]), (pads[2], pads[3])))
+    xg = xp.reshape(n, groups, cg, xp.shape[2], xp.shape[3])
+    wg = w.reshape(groups, og, cg, kh, kw)
+    dyg = dy.reshape(n, groups, og, ho, wo)
+    dwg = np.empty((groups, og, cg, kh, kw), np.float32)
+    dxp = np.zeros(xg.shape, np.float32) if dx is not None else None
+    for i in range(kh):
+        for j in range(kw):
+            rows, cols = _tap(i, d[0], s[0], ho), _tap(j, d[1], s[1], wo)
+            dwg[:, :, :, i, j] = np.einsum("ngmhw,ngchw->gmc", dyg, xg[:, :, :, rows, cols], optimize=True)
+            if dxp is not None:
+                dxp[:, :, :, rows, cols] += np.einsum("ngmhw,gmc->ngchw", dyg, wg[:, :, :, i, j], optimize=True)
+    np.copyto(dw, dwg.reshape(w.shape))
+    if db is not None:
+        np.sum(dy, axis=(0, 2, 3), out=db)
+    if dx is not None:
+        dxp = dxp.reshape(n, c, xp.shape[2], xp.shape[3])
+        np.copyto(dx, dxp[:, :, pads[0]:pads[0] + h, pads[2]:pads[2] + wd])
 
 
 def conv2d_relu_maxpool2d(x, w, b=None, stride=1, padding=0, *, out=None):

@@ -43,9 +43,9 @@ BACKWARD_VERSIONS = ("gather", "atomic")
 
 
 def _params(kernel_size, stride, padding):
-    """-> (kh, kw), (sh, sw), (ph, pw), validated; stride None means kernel_size."""
+    """-> (kh, kw), (sh, sw), (ph, pw), validated; stride None (or PyTorch's empty list) means kernel_size."""
     k = pair("kernel_size", kernel_size, 1)
-    s = k if stride is None else pair("stride", stride, 1)
+    s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else pair("stride", stride, 1)
     p = pair("padding", padding, 0)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(
@@ -54,13 +54,59 @@ def _params(kernel_size, stride, padding):
     return k, s, p
 
 
-def _out_shape(x_shape, k, s, p):
+def _pooled(size, k, s, p, d=1, ceil_mode=False):
+    """PyTorch's pooled length (= gpu_cnn.kernels.pool.pool_output_size): floor or ceil of
+    (size + 2p - d*(k-1) - 1) / s, plus 1; in ceil mode a last window that would start past the input
+    and its left padding is dropped."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _out_shape(x_shape, k, s, p, d=(1, 1), ceil_mode=False):
     n, c, h, w = x_shape
-    if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1]:
+    e = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+    if h + 2 * p[0] < e[0] or w + 2 * p[1] < e[1]:
+        what = f"window {k}" if d == (1, 1) else f"window {k} with dilation {d} (spanning {e})"
         raise ValueError(
-            f"kernel_size: window {k} is larger than the padded input {(h + 2 * p[0], w + 2 * p[1])} "
+            f"kernel_size: {what} is larger than the padded input {(h + 2 * p[0], w + 2 * p[1])} "
             f"(input {(h, w)}, padding {p})")
-    return (n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1)
+    return (n, c, _pooled(h, k[0], s[0], p[0], d[0], ceil_mode), _pooled(w, k[1], s[1], p[1], d[1], ceil_mode))
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _unbatch(name, a, what="pooling"):
+    """(a as a 4-D batch, whether it came unbatched (C, H, W)); other ranks are left to the rank checks."""
+    shape = getattr(a, "shape", None)
+    if shape is None and a is not None:
+        a = np.asarray(a)
+        shape = a.shape
+    if shape is not None and len(shape) == 3:
+        return a.reshape((1,) + tuple(shape)), True
+    if shape is not None and len(shape) in (2, 5):
+        kind = "1-D" if len(shape) == 2 else "3-D"
+        raise ValueError(f"{name}: {kind} {what} ({len(shape)}-D input) is not supported; it takes (N, C, H, W) "
+                         f"or unbatched (C, H, W), got shape {tuple(shape)}")
+    return a, False
+
+
+def _rebatch(a, unbatched):
+    return a.reshape(tuple(a.shape[1:])) if unbatched else a
+
+
+def _out_batched(out, unbatched):
+    if out is None or not unbatched:
+        return out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_out_batched(o, True) for o in out)
+    return out.reshape((1,) + tuple(out.shape)) if len(getattr(out, "shape", ())) == 3 else out
 
 
 def _x_shape(x_shape):
@@ -73,7 +119,7 @@ def _x_shape(x_shape):
     return x_shape
 
 
-def _as_index(name, idx, shape, x_shape, k, s, p, check_windows=True):
+def _as_index(name, idx, shape, x_shape, k, s, p, check_windows=True, d=(1, 1)):
     """Argmax indices -> int32 of `shape` where the backend computes (host int arrays are converted).
 
     Host indices are checked on the host, before any cast: each must name a cell of its own window, as
@@ -96,12 +142,12 @@ def _as_index(name, idx, shape, x_shape, k, s, p, check_windows=True):
     if not np.issubdtype(host.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer index array (int32, from max_pool2d), got dtype {host.dtype.name}")
     check_shape(name, host, shape)
-    _check_in_windows(name, host, x_shape, k, s, p, check_windows)
+    _check_in_windows(name, host, x_shape, k, s, p, check_windows, d)
     host = np.ascontiguousarray(host, dtype=INDEX)
     return to_device(host) if _backend.uses_kernels() else host
 
 
-def _check_in_windows(name, idx, x_shape, k, s, p, check_windows=True):
+def _check_in_windows(name, idx, x_shape, k, s, p, check_windows=True, d=(1, 1)):
     """Every idx[n, c, i, j] = h*W + w lies in [0, H*W) (always: two cheap passes, before the int32 cast),
     and names a real cell of output (i, j)'s window (when ``check_windows``)."""
     h, w = x_shape[2:]
@@ -116,13 +162,16 @@ def _check_in_windows(name, idx, x_shape, k, s, p, check_windows=True):
     rows, cols = i64 // w, i64 % w
     r0 = (np.arange(idx.shape[2]) * s[0] - p[0])[:, None]
     c0 = (np.arange(idx.shape[3]) * s[1] - p[1])[None, :]
-    outside = (rows < r0) | (rows >= r0 + k[0]) | (cols < c0) | (cols >= c0 + k[1])
+    e = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
+    outside = (rows < r0) | (rows >= r0 + e[0]) | (cols < c0) | (cols >= c0 + e[1])
+    if d != (1, 1):  # a dilated window holds every d-th cell only
+        outside |= ((rows - r0) % d[0] != 0) | ((cols - c0) % d[1] != 0)
     if outside.any():
         n, c, i, j = (int(v[0]) for v in np.nonzero(outside))
         raise ValueError(
             f"{name}: idx[{n}, {c}, {i}, {j}] = {int(idx[n, c, i, j])} (row {int(rows[n, c, i, j])}, column "
-            f"{int(cols[n, c, i, j])}) is outside that output's window (rows {int(r0[i, 0])}..{int(r0[i, 0]) + k[0] - 1}, "
-            f"columns {int(c0[0, j])}..{int(c0[0, j]) + k[1] - 1}); pass the idx that max_pool2d returned")
+            f"{int(cols[n, c, i, j])}) is outside that output's window (rows {int(r0[i, 0])}..{int(r0[i, 0]) + e[0] - 1}, "
+            f"columns {int(c0[0, j])}..{int(c0[0, j]) + e[1] - 1}); pass the idx that max_pool2d returned")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,21 +265,27 @@ def _cpu_backward(dy, idx, dx, k, s):
 # public ops
 
 
-def max_pool2d(x, kernel_size=2, stride=None, padding=0, *, out=None):
-    """Max pooling of x (N, C, H, W): returns (y, idx), both (N, C, Ho, Wo).
+def max_pool2d(x, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode=False, *, out=None):
+    """Max pooling of x (N, C, H, W) (or unbatched (C, H, W)): returns (y, idx), both (N, C, Ho, Wo).
 
-    Ho = floor((H + 2*ph - kh) / sh) + 1 (likewise Wo). kernel_size, stride, padding: an int or a pair
-    (rows, cols); stride defaults to kernel_size; padding <= kernel_size // 2 per axis, padded cells
-    never win. ``idx`` (int32) is the position h*W + w of each maximum within its unpadded (n, c) plane;
-    ties go to the FIRST maximum in row-major window order; NaN wins (the first NaN). ``out`` = (y, idx):
-    preallocated float32 and int32 arrays (no allocation). Host float64 input is computed in float32;
-    host input gives host results (idx as int32).
+    Ho = floor((H + 2*ph - dh*(kh-1) - 1) / sh) + 1 (likewise Wo; ``ceil_mode``: ceil, and a last
+    window that would start past the input and its left padding is dropped, as in PyTorch).
+    kernel_size, stride, padding, dilation: an int or a pair (rows, cols); stride defaults to
+    kernel_size; padding <= kernel_size // 2 per axis, padded cells never win; a window holds every
+    dilation-th cell. ``idx`` (int32) is the position h*W + w of each maximum within its unpadded (n, c)
+    plane; ties go to the FIRST maximum in row-major window order; NaN wins (the first NaN). ``out`` =
+    (y, idx): preallocated float32 and int32 arrays (no allocation). Host float64 input is computed in
+    float32; host input gives host results (idx as int32).
     """
     k, s, p = _params(kernel_size, stride, padding)
+    d = pair("dilation", dilation, 1)
+    ceil_mode = _flag("ceil_mode", ceil_mode)
+    x, unbatched = _unbatch("x", x)
+    out = _out_batched(out, unbatched)
     x, on_host = as_input("x", x, 4, _LAYOUT)
     if min(x.shape[1:]) < 1:
         raise ValueError(f"x: expected C, H, W >= 1, got shape {tuple(x.shape)}")
-    out_shape = _out_shape(tuple(x.shape), k, s, p)
+    out_shape = _out_shape(tuple(x.shape), k, s, p, d, ceil_mode)
     if out is None:
         y, idx = empty(out_shape), empty(out_shape, INDEX)
     else:
@@ -240,43 +295,241 @@ def max_pool2d(x, kernel_size=2, stride=None, padding=0, *, out=None):
         idx = check_out("out[1] (idx)", out[1], out_shape, dtype=INDEX)
 
     if not _backend.uses_kernels():
-        _cpu_forward(x, k, s, p, y, idx)
-        return y, idx
+        plain = out_shape == _out_shape(tuple(x.shape), k, s, p) and d == (1, 1)
+        (_cpu_forward if plain else _cpu_forward_general)(x, k, s, p, y, idx, *(() if plain else (d,)))
+        return _rebatch(y, unbatched), _rebatch(idx, unbatched)
     from ..kernels import pool as kpool
 
-    kpool.max_pool2d_forward(x, y, idx, k, s, p)
-    return result(y, on_host), result(idx, on_host)
+    kpool.max_pool2d_forward(x, y, idx, k, s, p, d, ceil_mode)
+    return _rebatch(result(y, on_host), unbatched), _rebatch(result(idx, on_host), unbatched)
 
 
-def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0, *, out=None, version=None,
-                        check_idx=True):
+def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode=False, *,
+                        out=None, version=None, check_idx=True):
     """Gradient of :func:`max_pool2d`: dx (x_shape) with every dy added at its argmax idx.
 
     dy: (N, C, Ho, Wo) float; idx: (N, C, Ho, Wo) int32 from max_pool2d with the same kernel_size,
-    stride and padding; x_shape: the input's (N, C, H, W). dx is WRITTEN in full (0 where no output
-    routes; summed where overlapping windows, stride < kernel, share a maximum). ``out``: a preallocated
-    float32 array of x_shape (no allocation). ``version`` picks the backward kernel on cuda/sim
-    (``gpu_cnn.kernels.pool.VERSIONS``: ``gather``, the deterministic default, or ``atomic``); ignored on
-    cpu. Host float64 input is computed in float32. Host ``idx`` are checked to name a cell of their own
-    window (every backend then computes the same dx); ``check_idx=False`` skips the window pass (the
-    range check stays), for idx straight from max_pool2d (as nn.MaxPool2d passes them). Device idx are
-    never checked.
+    stride, padding, dilation and ceil_mode; x_shape: the input's (N, C, H, W) (or (C, H, W), with
+    unbatched dy and idx). dx is WRITTEN in full (0 where no output routes; summed where overlapping
+    windows share a maximum). ``out``: a preallocated float32 array of x_shape (no allocation).
+    ``version`` picks the backward kernel on cuda/sim (``gpu_cnn.kernels.pool.VERSIONS``: ``gather``,
+    the deterministic default, or ``atomic``); ignored on cpu. Host float64 input is computed in
+    float32. Host ``idx`` are checked to name a cell of their own window (every backend then computes
+    the same dx); ``check_idx=False`` skips the window pass (the range check stays), for idx straight
+    from max_pool2d (as nn.MaxPool2d passes them). Device idx are never checked.
     """
     check_version(version, BACKWARD_VERSIONS, "max-pool backward")
     k, s, p = _params(kernel_size, stride, padding)
+    d = pair("dilation", dilation, 1)
+    ceil_mode = _flag("ceil_mode", ceil_mode)
+    unbatched = isinstance(x_shape, (tuple, list)) and len(x_shape) == 3
+    if unbatched:
+        x_shape = (1,) + tuple(x_shape)
+        dy, idx = _unbatch("dy", dy)[0], _unbatch("idx", idx)[0]
+        out = _out_batched(out, True)
     x_shape = _x_shape(x_shape)
-    out_shape = _out_shape(x_shape, k, s, p)
+    out_shape = _out_shape(x_shape, k, s, p, d, ceil_mode)
     dy, on_host = as_input("dy", dy, 4, _LAYOUT)
     check_shape("dy", dy, out_shape)
-    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check_windows=check_idx)
+    idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check_windows=check_idx, d=d)
     dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
 
     if not _backend.uses_kernels():
         if not dx.flags.c_contiguous:
             raise ValueError("out: expected a C-contiguous array")
-        _cpu_backward(dy, idx, dx, k, s)
-        return dx
+        e = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)  # windows may overlap when stride < span
+        _cpu_backward(dy, idx, dx, e, s)
+        return _rebatch(dx, unbatched)
     from ..kernels import pool as kpool
 
-    kpool.max_pool2d_backward(dy, idx, dx, k, s, p, version=version)
-    return result(dx, on_host)
+    kpool.max_pool2d_backward(dy, idx, dx, k, s, p, version=version, dilation=d, ceil_mode=ceil_mode)
+    return _rebatch(result(dx, on_host), unbatched)
+
+
+def _cpu_forward_general(x, k, s, p, y, idx, d):
+    """Dilation and ceil_mode: the windows of an input padded with -inf (more at the bottom/right where
+    ceil_mode windows reach past it), every d-th cell; argmax over the flattened window (first maximum,
+    NaN first, as the kernels)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, s, p, d
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2:]
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    extra_h = max(0, (ho - 1) * sh + eh - (h + 2 * ph))
+    extra_w = max(0, (wo - 1) * sw + ew - (w + 2 * pw))
+    pads = ((0, 0), (0, 0), (ph, ph + extra_h), (pw, pw + extra_w))
+    xp = np.pad(x, pads, constant_values=-np.inf)
+    real = np.pad(np.ones((h, w), bool), pads[2:])
+    win = sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :ho, :wo, ::dh, ::dw]
+    flat = win.reshape(n, c, ho, wo, kh * kw)
+    q = flat.argmax(axis=-1)
+    rwin = sliding_window_view(real, (eh, ew))[::sh, ::sw][:ho, :wo, ::dh, ::dw].reshape(ho, wo, kh * kw)
+    np.copyto(y, np.take_along_axis(flat, q[..., None], axis=-1)[..., 0])
+    # a window whose real cells are all -inf ties with its padding: take its first real cell
+    first_real = rwin.argmax(axis=-1)
+    q = np.where(np.isneginf(y) & ~np.take_along_axis(np.broadcast_to(rwin, flat.shape), q[..., None], -1)[..., 0],
+                 first_real, q)
+    rows = (np.arange(ho) * sh - ph)[:, None] + (q // kw) * dh
+    cols = (np.arange(wo) * sw - pw)[None, :] + (q % kw) * dw
+    np.copyto(idx, (rows * w + cols).astype(INDEX))
+
+
+# ---------------------------------------------------------------------------------------------------
+# average pooling
+#
+# avg_pool2d: PyTorch's divisor rule. The window of output (ho, wo) runs over rows hs = ho*sh - ph ..
+# he = min(hs + kh, H + ph) (cells past the padded input, which ceil_mode windows reach, are never
+# counted); with count_include_pad the divisor is (he - hs)*(we - ws), padding included; without it,
+# the number of real cells. cpu: the zero-padded input's windows summed tap by tap, divided by a
+# (Ho, Wo) table of divisors; backward adds dy / divisor into every tap's cells of a padded dx.
+# adaptive_avg_pool2d: output row i averages rows floor(i*H/Ho) .. ceil((i+1)*H/Ho) - 1 (likewise
+# columns); cpu loops over the Ho*Wo outputs (1 for global pooling), each a vectorised mean.
+
+
+def _avg_divisors(h, w, ho, wo, k, s, p, count_include_pad):
+    def axis(size, n_out, kk, ss, pp):
+        start = np.arange(n_out) * ss - pp
+        end = np.minimum(start + kk, size + pp)
+        full = end - start
+        real = np.minimum(end, size) - np.maximum(start, 0)
+        return full, real
+    fh, rh = axis(h, ho, k[0], s[0], p[0])
+    fw, rw = axis(w, wo, k[1], s[1], p[1])
+    return (np.outer(fh, fw) if count_include_pad else np.outer(rh, rw)).astype(np.float32)
+
+
+def _avg_padded(h, w, ho, wo, k, s, p):
+    extra_h = max(0, (ho - 1) * s[0] + k[0] - (h + 2 * p[0]))
+    extra_w = max(0, (wo - 1) * s[1] + k[1] - (w + 2 * p[1]))
+    return ((0, 0), (0, 0), (p[0], p[0] + extra_h), (p[1], p[1] + extra_w))
+
+
+def _avg_args(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    if divisor_override is not None:
+        raise ValueError(f"divisor_override: not supported by gpu-cnn (got {divisor_override!r}); leave it None")
+    k, s, p = _params(kernel_size, stride, padding)
+    return k, s, p, _flag("ceil_mode", ceil_mode), _flag("count_include_pad", count_include_pad)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None, *, out=None):
+    """Average pooling of x (N, C, H, W) (or unbatched (C, H, W)), PyTorch's arguments and output size
+    (as :func:`max_pool2d`, without dilation). ``count_include_pad``: the padding counts in the
+    divisor (cells past the padded input never do). ``divisor_override`` is not supported (an error).
+    ``out``: a preallocated float32 array (no allocation)."""
+    k, s, p, ceil_mode, cip = _avg_args(kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                        divisor_override)
+    x, unbatched = _unbatch("x", x)
+    out = _out_batched(out, unbatched)
+    x, on_host = as_input("x", x, 4, _LAYOUT)
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x: expected C, H, W >= 1, got shape {tuple(x.shape)}")
+    out_shape = _out_shape(tuple(x.shape), k, s, p, (1, 1), ceil_mode)
+    y = empty(out_shape) if out is None else check_out("out", out, out_shape)
+    if not _backend.uses_kernels():
+        n, c, h, w = x.shape
+        ho, wo = out_shape[2:]
+        xp = np.pad(x, _avg_padded(h, w, ho, wo, k, s, p))
+        acc = np.zeros(out_shape, np.float32)
+        for i in range(k[0]):
+            for j in range(k[1]):
+                acc += xp[:, :, i:i + (ho - 1) * s[0] + 1:s[0], j:j + (wo - 1) * s[1] + 1:s[1]]
+        np.divide(acc, _avg_divisors(h, w, ho, wo, k, s, p, cip), out=y)
+        return _rebatch(y, unbatched)
+    from ..kernels import pool as kpool
+
+    kpool.avg_pool2d_forward(x, y, k, s, p, ceil_mode, cip)
+    return _rebatch(result(y, on_host), unbatched)
+
+
+def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                        divisor_override=None, *, out=None):
+    """Gradient of :func:`avg_pool2d`: dx (x_shape), WRITTEN in full: every input gets dy / divisor of
+    each output whose window holds it."""
+    k, s, p, ceil_mode, cip = _avg_args(kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                        divisor_override)
+    unbatched = isinstance(x_shape, (tuple, list)) and len(x_shape) == 3
+    if unbatched:
+        x_shape = (1,) + tuple(x_shape)
+        dy = _unbatch("dy", dy)[0]
+        out = _out_batched(out, True)
+    x_shape = _x_shape(x_shape)
+    out_shape = _out_shape(x_shape, k, s, p, (1, 1), ceil_mode)
+    dy, on_host = as_input("dy", dy, 4, _LAYOUT)
+    check_shape("dy", dy, out_shape)
+    dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
+    if not _backend.uses_kernels():
+        n, c, h, w = x_shape
+        ho, wo = out_shape[2:]
+        pads = _avg_padded(h, w, ho, wo, k, s, p)
+        dxp = np.zeros((n, c, h + pads[2][0] + pads[2][1], w + pads[3][0] + pads[3][1]), np.float32)
+        g = dy / _avg_divisors(h, w, ho, wo, k, s, p, cip)
+        for i in range(k[0]):
+            for j in range(k[1]):
+                dxp[:, :, i:i + (ho - 1) * s[0] + 1:s[0], j:j + (wo - 1) * s[1] + 1:s[1]] += g
+        np.copyto(dx, dxp[:, :, p[0]:p[0] + h, p[1]:p[1] + w])
+        return _rebatch(dx, unbatched)
+    from ..kernels import pool as kpool
+
+    kpool.avg_pool2d_backward(dy, dx, k, s, p, ceil_mode, cip)
+    return _rebatch(result(dx, on_host), unbatched)
+
+
+def _adaptive_size(output_size, hw):
+    """output_size (an int, a pair, None entries meaning the input's size) -> (Ho, Wo)."""
+    if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
+        output_size = tuple(hw[i] if v is None else v for i, v in enumerate(output_size))
+    return pair("output_size", output_size, 1)
+
+
+def _windows_1d(size, n_out):
+    return [((i * size) // n_out, -(-((i + 1) * size) // n_out)) for i in range(n_out)]
+
+
+def adaptive_avg_pool2d(x, output_size, *, out=None):
+    """Adaptive average pooling of x (N, C, H, W) (or unbatched (C, H, W)) to (N, C, Ho, Wo):
+    output row i averages input rows floor(i*H/Ho) .. ceil((i+1)*H/Ho) - 1 (likewise columns), as in
+    PyTorch; ``output_size=1`` is global average pooling. output_size: an int or a pair (an entry None
+    keeps the input's size)."""
+    x, unbatched = _unbatch("x", x)
+    out = _out_batched(out, unbatched)
+    x, on_host = as_input("x", x, 4, _LAYOUT)
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x: expected C, H, W >= 1, got shape {tuple(x.shape)}")
+    ho, wo = _adaptive_size(output_size, tuple(x.shape[2:]))
+    out_shape = (x.shape[0], x.shape[1], ho, wo)
+    y = empty(out_shape) if out is None else check_out("out", out, out_shape)
+    if not _backend.uses_kernels():
+        for i, (hs, he) in enumerate(_windows_1d(x.shape[2], ho)):
+            for j, (ws, we) in enumerate(_windows_1d(x.shape[3], wo)):
+                y[:, :, i, j] = x[:, :, hs:he, ws:we].mean(axis=(2, 3), dtype=np.float32)
+        return _rebatch(y, unbatched)
+    from ..kernels import pool as kpool
+
+    kpool.adaptive_avg_pool2d_forward(x, y)
+    return _rebatch(result(y, on_host), unbatched)
+
+
+def adaptive_avg_pool2d_backward(dy, x_shape, *, out=None):
+    """Gradient of :func:`adaptive_avg_pool2d`: dx (x_shape), WRITTEN in full (dy / window size added
+    into each output's window)."""
+    unbatched = isinstance(x_shape, (tuple, list)) and len(x_shape) == 3
+    if unbatched:
+        x_shape = (1,) + tuple(x_shape)
+        dy = _unbatch("dy", dy)[0]
+        out = _out_batched(out, True)
+    x_shape = _x_shape(x_shape)
+    dy, on_host = as_input("dy", dy, 4, _LAYOUT)
+    if tuple(dy.shape[:2]) != x_shape[:2] or min(dy.shape[2:]) < 1:
+        raise ValueError(f"dy: expected shape {x_shape[:2]} + (Ho, Wo), got {tuple(dy.shape)}")
+    dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
+    if not _backend.uses_kernels():
+        dx.fill(0)
+        ho, wo = dy.shape[2:]
+        for i, (hs, he) in enumerate(_windows_1d(x_shape[2], ho)):
+            for j, (ws, we) in enumerate(_windows_1d(x_shape[3], wo)):
+                dx[:, :, hs:he, ws:we] += (dy[:, :, i, j] / ((he - hs) * (we - ws)))[:, :, None, None]
+        return _rebatch(dx, unbatched)
+    from ..kernels import pool as kpool
+
+    kpool.adaptive_avg_pool2d_backward(dy, dx)
+    return _rebatch(result(dx, on_host), unbatched)

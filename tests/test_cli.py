@@ -463,3 +463,16 @@ def test_sim_backend_trains_a_tiny_preset_in_its_stated_time(tmp_path):
     assert metrics["backend"] == "sim" and metrics["sim_preset"] is True
     assert metrics["train_images"] == SIM_PRESET["train_images"] and metrics["val_images"] == SIM_PRESET["val_images"]
     assert len(metrics["history"]) == SIM_PRESET["epochs"] and np.isfinite(metrics["test_loss"])
+
+
+def test_bench_writes_under_runs_bench_and_shows_progress(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_CNN_BACKEND", "NUMBA_ENABLE_CUDASIM")}
+    proc = subprocess.run([sys.executable, "-m", "gpu_cnn", "bench", "--backend", "cpu", "--sweep", "tiny",
+                           "--only", "relu", "--repeats", "1", "--no-vendor", "--no-ceilings"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = list((tmp_path / "runs" / "bench").glob("*/kernels.json"))
+    assert len(written) == 1 and (written[0].parent / "kernels.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing else written in the folder
+    assert "results go to runs/bench/" in proc.stdout
+    assert "cases done]" in proc.stderr  # progress while it runs

@@ -465,6 +465,8 @@ def training_curves(history, title="Training", save=None):
         else:
             ax.text(0.5, 0.5, f"no {name} recorded", ha="center", va="center", transform=ax.transAxes)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(set(epochs)) == 1:  # one point: tick just its epoch (not 0.96, 0.98, ... around it)
+            ax.set_xticks(sorted(set(epochs)))
     if any(row.get(k) is not None for row in history for k in ("train_acc", "val_acc")):
         ax_acc.set_ylim(top=min(1.02, ax_acc.get_ylim()[1] + 0.02))
     fig.suptitle(title)

@@ -7,10 +7,11 @@
     python -m benchmarks.kernels --backend sim --check # correctness only, tiny shapes (the simulator cannot time)
     gpu-cnn bench --backend cpu --quick                # the same, from the command line tool
 
-Ops (``--only`` takes families -- conv2d, relu, bias_relu, maxpool, linear, gemm, softmax_xent, sgd,
+Ops (``--only`` takes families -- conv2d, conv2d_relu_pool, relu, bias_relu, maxpool, linear, gemm, softmax_xent, sgd,
 adam -- or full op names such as ``conv2d.bwd_weight``):
 
     conv2d.fwd  conv2d.bwd_input  conv2d.bwd_weight  conv2d.bwd_bias    (cpu backend: conv2d.bwd, all three)
+    conv2d_relu_pool.fwd  (the fused conv + bias + ReLU + 2x2 max-pool; vendor: cuDNN conv, then torch's ReLU and pool)
     relu.fwd  relu.bwd  bias_relu.fwd  maxpool.fwd  maxpool.bwd
     linear.fwd  linear.bwd (dx, dw, db)  gemm.nn  gemm.nt
     softmax_xent.fwd  softmax_xent.bwd  sgd.step (momentum 0.9)  adam.step
@@ -51,7 +52,7 @@ from . import common as C
 TOL = 1e-4  # ‖out − ref‖ / ‖ref‖ for float32 outputs: float32 lands near 1e-6; TF32 (≈3e-4) fails
 F4 = 4  # bytes per float32 / int32
 
-FAMILY_MODULE = {"conv2d": "conv2d", "relu": "activation", "bias_relu": "activation", "maxpool": "pool",
+FAMILY_MODULE = {"conv2d": "conv2d", "conv2d_relu_pool": "conv2d", "relu": "activation", "bias_relu": "activation", "maxpool": "pool",
                  "linear": "gemm", "gemm": "gemm", "softmax_xent": "softmax", "sgd": "optim", "adam": "optim"}
 FAMILIES = tuple(FAMILY_MODULE)
 
@@ -190,6 +191,46 @@ def conv_cases(label, n, c, h, w, o, k, s, p, backend):
              backends=("cuda", "sim")),
     ]
     return cases
+
+
+# --- fused conv + bias + ReLU + 2x2 max-pool: FLOP = the conv's 2·macs (the ReLU and the pool's compares
+#     are not counted); bytes = x, w, b read once, the pooled y and idx (int32) written.
+
+
+def fused_cases(label, n, c, h, w, o, k, s, p):
+    ho, wo = C.conv_out_size(h, k, s, p), C.conv_out_size(w, k, s, p)
+    xs, ws, ps = (n, c, h, w), (o, c, k, k), (n, o, ho // 2, wo // 2)
+    macs = n * o * ho * wo * c * k * k
+    st, pd = (s, s), (p, p)
+    params = {"x": xs, "w": ws, "y": ps, "stride": s, "padding": p, "pool": 2}
+
+    def inp(rng):
+        return {"x": _randn(rng, xs), "w": _randn(rng, ws, 1 / math.sqrt(c * k * k)), "b": _randn(rng, (o,))}
+
+    def ref(d):
+        return C.max_pool2d_ref(C.relu_ref(C.conv2d_ref(d["x"], d["w"], d["b"], st, pd)), (2, 2), (2, 2), (0, 0))
+
+    def check_idx(d, out):  # every idx names a cell of its conv-output plane holding the window's max
+        a = C.relu_ref(C.conv2d_ref(d["x"], d["w"], d["b"], st, pd)).reshape(n * o, -1)
+        idx = out["idx"].reshape(n * o, -1).astype(np.int64)
+        if idx.min() < 0 or idx.max() >= ho * wo:
+            return f"idx out of range [{idx.min()}, {idx.max()}]"
+        got = np.take_along_axis(a, idx, axis=1)
+        bad = int((np.abs(got - ref(d)[0].reshape(n * o, -1)) > 1e-4 * (1 + np.abs(got))).sum())
+        return f"{bad} idx do not point at their maximum" if bad else None
+
+    return [Case(
+        "conv2d_relu_pool.fwd", label, params,
+        flop=2 * macs,                                   # the conv's 2·N·Cout·Ho·Wo·Cin·kH·kW
+        nbytes=F4 * (n * c * h * w + o * c * k * k + o + 2 * int(np.prod(ps))),  # x, w, b read; y, idx written
+        inputs=inp, outputs={"y": (ps, np.float32), "idx": (ps, np.int32)},
+        reference=lambda d: {"y": ref(d)[0]}, extra_check=check_idx,
+        versions=lambda m: ("fused",),
+        kernel=lambda m, b, v: m.conv2d_relu_maxpool_fused(b["x"], b["w"], b["b"], b["y"], b["idx"], st, pd),
+        cpu=lambda b: _F().conv2d_relu_maxpool2d(b["x"], b["w"], b["b"], s, p, out=(b["y"], b["idx"])),
+        vendor=lambda T, t: {"y": T.nn.functional.max_pool2d(
+            T.relu(T.nn.functional.conv2d(t["x"], t["w"], t["b"], stride=s, padding=p)), 2)},
+        vendor_name="cudnn+torch")]
 
 
 # --- element-wise: relu FLOP = 1 per element (a max), bytes = x read + y written;
@@ -495,6 +536,7 @@ def build_cases(sweep, backend):
     if sweep == "tiny":  # odd shapes, a few thousand threads per launch: fast under the simulator
         # (dW runs one block per weight element, with barriers: the slow one under the simulator)
         cases += conv_cases("tiny.k3s2p1", 2, 2, 7, 7, 2, 3, 2, 1, backend)
+        cases += fused_cases("tiny.k3p1", 1, 2, 7, 5, 3, 3, 1, 1)
         cases += act_cases("tiny", (2, 3, 7, 9))
         cases += pool_cases("tiny.k2", (2, 3, 7, 9), 2, 2, 0)
         cases += pool_cases("tiny.k3s2p1", (1, 2, 9, 9), 3, 2, 1)
@@ -507,6 +549,7 @@ def build_cases(sweep, backend):
         cases += conv_cases("odd.k3p1", 3, 5, 19, 23, 7, 3, 1, 1, backend)
         cases += conv_cases("odd.k5s2p2", 2, 3, 21, 17, 4, 5, 2, 2, backend)
         cases += conv_cases("odd.k7", 1, 2, 37, 35, 3, 7, 1, 0, backend)
+        cases += fused_cases("odd.k5p2", 3, 5, 19, 23, 7, 5, 1, 2)
         cases += act_cases("odd", (3, 5, 19, 23))
         cases += pool_cases("odd.k2", (3, 5, 19, 23), 2, 2, 0)
         cases += pool_cases("odd.k3s2p1", (2, 3, 21, 17), 3, 2, 1)
@@ -520,8 +563,11 @@ def build_cases(sweep, backend):
     cases += conv_cases("lenet.conv1", B, 1, 28, 28, 6, 5, 1, 2, backend)
     cases += conv_cases("lenet.conv2", B, 6, 14, 14, 16, 5, 1, 0, backend)
     cases += conv_cases("cifar.conv", B, 3, 32, 32, 64, 3, 1, 1, backend)
+    cases += fused_cases("lenet.conv1", B, 1, 28, 28, 6, 5, 1, 2)
+    cases += fused_cases("lenet.conv2", B, 6, 14, 14, 16, 5, 1, 0)
     if not quick:
         cases += conv_cases("resnet.conv", 32, 64, 56, 56, 64, 3, 1, 1, backend)
+        cases += conv_cases("mid.conv", 64, 64, 56, 56, 64, 3, 1, 1, backend)  # issue 11's mid-size layer
     cases += act_cases("lenet.conv1", (B, 6, 28, 28))
     cases += act_cases("lenet.conv2", (B, 16, 10, 10))
     cases += act_cases("cifar.conv", (B, 64, 32, 32))

@@ -18,8 +18,22 @@ Forward versions (``VERSIONS``), rising in complexity:
             Supports kH, kW <= MAX_K and sh, sw <= MAX_STRIDE (the shared arrays are sized for that);
             beyond, ``conv2d_forward_tiled`` raises ValueError, and the dispatcher's default
             (version=None) falls back to ``naive``.
+    implicit_gemm  the convolution as a register-tiled GEMM, M = N*Ho*Wo, N = C_out, K = C_in*kH*kW,
+            whose A operand (the im2col matrix) is gathered tile by tile and never written: a 128 x 64
+            block tile over K in steps of 8, A and B tiles in shared memory, each thread an 8 x 8 tile of
+            registers by outer products, the next K-slice loaded into registers while this one is
+            computed; bias (and ReLU, for the fused epilogue) before the single store. One kernel per
+            (kH, kW, stride), so the index math folds into multiplies and shifts. The default on a GPU.
+    fused   (its own op, ``conv2d_relu_maxpool_fused``) implicit_gemm whose rows hold the 4 cells of
+            a 2x2 window in one thread: conv + bias + ReLU + 2x2 max-pool (stride 2) in one kernel,
+            writing the pooled y and the argmax idx (kernels/pool.py's format), never the conv output.
 
-Backward, one kernel per gradient, none needs atomics:
+Backward versions (``BACKWARD_VERSIONS``): ``implicit_gemm`` (the default where it applies) --
+dX as the transposed implicit GEMM (M = N*H*W, N = C_in, K = C_out*kH*kW; an output row exists for
+input row h and tap i where h + ph - i is on the stride grid), dW as a GEMM with K = N*Ho*Wo split
+across blocks into partial tiles that a second kernel adds in split order (the same bits every run),
+db as that GEMM's extra column of ones -- and ``direct``, the kernels below, one per gradient, none
+needs atomics:
 
     dX   gather: one thread per INPUT element (n, c, h, w) sums dy[n, o, ho, wo] * w[o, c, i, j] over
          the taps (i, j) and outputs (ho, wo) that read it: h + ph - i = ho*sh with 0 <= ho < Ho, i.e.
@@ -35,16 +49,43 @@ launcher passes a 1-D view of y (no allocation) that the kernel never reads (has
 
 Gradients are WRITTEN (not accumulated): dx, dw and db are overwritten in full.
 
-Run the checks: ``python -m pytest tests/test_conv2d.py`` (simulator); build for real GPUs:
-``python -m gpu_cnn.compile_check``.
+Static figures on sm_90 (ptxas + nvdisasm, no GPU; innermost loop of the kernel; 2026-12-01):
+
+    kernel                              regs  spills  FFMA share  shared loads / FFMA
+    naive forward                         48       0        2.0%   -
+    tiled forward                         52       0        2.9%   2.0
+    direct dX (gather)                    50       0        1.2%   -
+    direct dW (block per weight)          48       0        5.3%   -
+    implicit_gemm forward (3x3 s1)       127       0       71.1%   0.25
+    implicit_gemm dX (3x3 s1)            124       0       70.3%   0.25
+    implicit_gemm dW (3x3 s1, 64x64)     128       0       70.3%   0.25
+    fused conv+ReLU+pool (5x5 s1)        116       0       71.1%   0.25
+
+    The innermost loop of the implicit-GEMM kernels is the BK = 8 step of outer products (64 FFMA,
+    16 shared loads, ~90 instructions). Counted per K-slice -- the gather of the next slice once (~440
+    instructions for 12 loads: the k -> (c, i, j) math, the guards, the stores) plus 8 inner steps -- the
+    FFMA share is ~44%: the gather's index math is what the next rung would cut (a per-block tap table,
+    wider loads).
+
+Run the checks: ``python -m pytest tests/test_conv2d.py tests/test_conv2d_igemm.py`` (simulator);
+build for real GPUs: ``python -m gpu_cnn.compile_check``; time every version against cuDNN:
+``python -m benchmarks.kernels --backend cuda --only conv2d,conv2d_relu_pool``.
 """
 import numpy as np
-from numba import config, cuda, float32
+from numba import config, cuda, float32, int32, uint32, uint64
 
-from ._common import block_sum, ceil_div, check_device_array, grid_1d, kernel, unravel4
+from ._common import (DISK_CACHE, KERNELS, block_sum, ceil_div, check_device_array, fill, grid_1d, kernel,
+                      unravel4)
 
-VERSIONS = ("naive", "tiled")  # forward versions
-DEFAULT_VERSION = "tiled"  # where it applies (see tiled_supported), else naive
+VERSIONS = ("naive", "tiled", "implicit_gemm")  # forward versions (the fused conv+ReLU+pool is its own op)
+DEFAULT_VERSION = "implicit_gemm"  # where it applies (implicit_gemm_supported), else tiled, else naive
+BACKWARD_VERSIONS = ("direct", "implicit_gemm")  # dX and dW (db: the block reduction, or in dW's GEMM)
+BACKWARD_INPUT_VERSIONS = BACKWARD_WEIGHT_VERSIONS = BACKWARD_VERSIONS
+# The forward default is implicit_gemm on a GPU. Under the simulator it stays naive: a block's threads
+# meet at two barriers per K-slice there, and a LeNet-5 conv ran ~12x slower than naive (the backward
+# versions cost the simulator about the same, so implicit_gemm is their default everywhere). Tests set
+# it to True to run the GPU's defaults under the simulator.
+IG_FORWARD_DEFAULT = not config.ENABLE_CUDASIM
 
 # tiled: a TILE_H x TILE_W thread block computes a TILE_H x TILE_W tile of one output plane.
 TILE_H = 16
@@ -121,6 +162,19 @@ def conv2d_backward_reference(dy, x, w, stride=1, padding=0):
             dxp[:, :, rows, cols] += np.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
     dx = dxp[:, :, ph:ph + h, pw:pw + wd]
     return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+def conv2d_relu_maxpool_reference(x, w, b=None, stride=1, padding=0):
+    """float64 (y, idx) of max_pool2d(relu(conv2d(x, w, b)), 2, stride 2): idx = ho*Wo + wo of the first
+    maximum (row-major) of each 2x2 window of the conv output plane (Ho, Wo), as kernels/pool.py writes."""
+    a = np.maximum(conv2d_reference(x, w, b, stride, padding), 0.0)
+    n, o, ho, wo = a.shape
+    hp, wp = ho // 2, wo // 2
+    win = a[:, :, :2 * hp, :2 * wp].reshape(n, o, hp, 2, wp, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, o, hp, wp, 4)
+    q = np.argmax(win, axis=-1)
+    rows = 2 * np.arange(hp)[:, None] + q // 2
+    cols = 2 * np.arange(wp)[None, :] + q % 2
+    return win.max(axis=-1), (rows * wo + cols).astype(np.int32)
 
 
 # --- kernels -----------------------------------------------------------------------------------------
@@ -294,6 +348,361 @@ def conv2d_backward_bias_kernel(dy, db):
         db[o] = part[0]
 
 
+# --- implicit GEMM: versions implicit_gemm (forward, dX, dW) and fused (conv + bias + ReLU + 2x2 pool) ---
+#
+# One GEMM, C[M, NG] = A[M, K] · B[K, NG], whose operands are gathered from the tensors on the fly (the
+# im2col matrix is never written): the CUTLASS "implicit GEMM" view of a convolution, with dgrad and
+# wgrad the same GEMM with the operands swapped. Per mode:
+#
+#   mode     M (rows)            NG (columns)           K (reduction)     A[m, k]             B[k, col]
+#   forward  N*Ho*Wo (n,ho,wo)   C_out                  C_in*kH*kW (c,i,j) x patch (0 in pad)  w[o, c, i, j]
+#   fused    N*Hp*Wp*4 (window   C_out                  C_in*kH*kW         x patch             w[o, c, i, j]
+#            cell q innermost in each thread's rows: the 4 cells of a 2x2 window land in one thread)
+#   dgrad    N*H*W (n, h, w)     C_in                   C_out*kH*kW (o,i,j) dy[n,o,(h+ph-i)/sh,(w+pw-j)/sw]
+#                                                                            (0 off the stride grid) w[o, c, i, j]
+#   wgrad    C_out               C_in*kH*kW (+1: a      N*Ho*Wo (n,ho,wo) dy[n, o, ho, wo]    x patch (1 in the
+#                                column of ones = db)                                          bias column)
+#
+# A block computes a BM x BN tile of C with THREADS = (BM/TM)*(BN/TN) threads, each an interleaved TM x TN
+# register tile (rows trow + i*BM/TM, columns tcol + j*BN/TN: a warp reads consecutive shared words and
+# stores consecutive addresses) by outer products of a TM column of the A tile and a TN row of the B tile.
+# K goes in steps of BK: the gather of slice t+1 is issued into registers before slice t is computed from
+# shared memory (double buffering through registers: the global loads are in flight during the FMAs).
+# Filter size and stride are compile-time constants of each kernel (a factory builds and caches one per
+# (mode, kH, kW, sh, sw, tile)), so the k -> (c, i, j) index math is multiplies and shifts; all offsets
+# are 32-bit (every tensor must hold < 2**31 elements: the launchers refuse larger ones clearly and the
+# dispatcher's default falls back to the direct kernels). dW splits K across blocks (grid.z): each split
+# writes its own partial tile, and conv2d_backward_weight_implicit_gemm_reduce_kernel adds the partials
+# in split order, so the result is the same bits every run.
+
+# (BM, BN, BK, TM, TN) per mode on a GPU: 8x8 registers per thread; 128 threads (dW: 64, which keeps it
+# at 128 registers: its gather state is larger). Under the simulator the same code runs on a 16-thread tile.
+IG_GPU_TILE = (128, 64, 8, 8, 8)
+IG_GPU_TILES = {0: IG_GPU_TILE, 1: IG_GPU_TILE, 2: IG_GPU_TILE, 3: (64, 64, 8, 8, 8)}
+IG_SIM_TILE = (16, 8, 4, 4, 2)
+IG_PAD = 4  # shared rows padded by 4 words: the k-major stores of 8 consecutive k hit 32 distinct banks
+IG_MAX_ELEMENTS = 2**31 - 1  # 32-bit offsets
+IG_WGRAD_TARGET_BLOCKS = 512  # dW: split K until about this many blocks run (a few waves on an H100)
+IG_WGRAD_MIN_TILES = 8  # dW: at least this many K-slices per split (the partial tiles cost memory traffic)
+_FWD, _FUSED, _DGRAD, _WGRAD = 0, 1, 2, 3
+_IG_NAMES = {_FWD: "conv2d_forward_implicit_gemm_kernel", _FUSED: "conv2d_relu_maxpool_fused_kernel",
+             _DGRAD: "conv2d_backward_data_implicit_gemm_kernel",
+             _WGRAD: "conv2d_backward_weight_implicit_gemm_kernel"}
+# (src0, src1, bias, out, idx, N, C, H, W, O, Ho, Wo, ph, pw, flags, tiles_per_split,
+#  magic_mul(Ho*Wo), magic_shift(Ho*Wo), magic_mul(Wo), magic_shift(Wo)); flags: 1 = bias, 2 = ReLU
+IG_SIGNATURE = ("void(float32[::1], float32[::1], float32[::1], float32[::1], int32[::1], "
+                + "int32, " * 11 + "uint32, int32, uint32, int32)")
+_IG_CACHE = {}
+
+
+def _magic(d):
+    """(mul, shift) with floor(n / d) == (umulhi(n, mul) + n) >> shift for 0 <= n < 2**31 (as CUTLASS's
+    FastDivmod): dW divides its K index by Ho*Wo and Wo once per K-slice, three instructions each."""
+    shift = (d - 1).bit_length()
+    return ((2**32 * (2**shift - d)) // d + 1) & 0xFFFFFFFF, shift
+
+
+def _ig_build(mode, kh, kw, sh, sw, tile):
+    """One implicit-GEMM kernel for (mode, filter, stride, tile), the sizes closed over as constants."""
+    BM, BN, BK, TM, TN = tile
+    ROW_T, COL_T = BM // TM, BN // TN
+    THREADS = ROW_T * COL_T
+    LDA, LDB = BM + IG_PAD, BN + IG_PAD
+    SA_SIZE, SB_SIZE = BK * LDA, BK * LDB
+    KHW = kh * kw
+    A_ALONG_M = mode != _WGRAD  # the A gather runs along m (coalesced over wo / w) or along k (wgrad)
+    A_STEP = THREADS // BM if A_ALONG_M else THREADS // BK
+    A_LOADS = BM * BK // THREADS
+    B_STEP = THREADS // BK  # the B gather runs along k in every mode
+    B_LOADS = BN * BK // THREADS
+    assert THREADS % BK == 0 and (not A_ALONG_M or THREADS % BM == 0) and A_LOADS >= 1 and B_LOADS >= 1
+    assert mode != _FUSED or TM % 4 == 0
+    MODE, KH, KW, SH, SW = mode, kh, kw, sh, sw
+
+    def igemm(src0, src1, bias, out, idx, N, C, H, W, O, Ho, Wo, ph, pw, flags, tps, mul_hw, shr_hw,
+              mul_w, shr_w):
+        # forward/fused: src0 = x (N*C*H*W), src1 = w (O*C*kH*kW), bias (O), out = y (or pooled y; idx its
+        # argmax); dgrad: src0 = dy, src1 = w, out = dx; wgrad: src0 = dy, src1 = x, out = partial tiles
+        # (splits, O, C*kH*kW + has_bias). All flat float32, C-contiguous; sizes int32.
+        sa = cuda.shared.array(SA_SIZE, float32)  # sa[k * LDA + m] = A[m0 + m, k0 + k]
+        sb = cuda.shared.array(SB_SIZE, float32)  # sb[k * LDB + n] = B[k0 + k, n0 + n]
+        acc = cuda.local.array((TM, TN), float32)
+        ra = cuda.local.array(A_LOADS, float32)  # the next slice, in flight while this one is computed
+        rb = cuda.local.array(B_LOADS, float32)
+        af = cuda.local.array(TM, float32)
+        bf = cuda.local.array(TN, float32)
+        tid = uint32(cuda.threadIdx.x)
+        trow = uint32(tid % uint32(ROW_T))
+        tcol = uint32(tid // uint32(ROW_T))
+        m0 = uint32(cuda.blockIdx.x) * uint32(BM)
+        n0 = uint32(cuda.blockIdx.y) * uint32(BN)
+        has_bias = (flags & 1) != 0
+        HW = uint32(H * W)
+        HoWo = uint32(Ho * Wo)
+        Hp = Ho // 2
+        Wp = Wo // 2
+        if MODE == _FWD:
+            M = uint32(N * Ho * Wo)
+            NG = uint32(O)
+            K = uint32(C * KHW)
+        elif MODE == _FUSED:
+            M = uint32(N * Hp * Wp * 4)
+            NG = uint32(O)
+            K = uint32(C * KHW)
+        elif MODE == _DGRAD:
+            M = uint32(N * H * W)
+            NG = uint32(C)
+            K = uint32(O * KHW)
+        else:
+            M = uint32(O)
+            NG = uint32(C * KHW + (flags & 1))
+            K = uint32(N * Ho * Wo)
+        ktiles = uint32((K + uint32(BK - 1)) // uint32(BK))
+        t_begin = uint32(0)
+        t_end = ktiles
+        if MODE == _WGRAD:  # this block's split of K
+            t_begin = uint32(uint32(cuda.blockIdx.z) * uint32(tps))
+            t_end = uint32(min(uint32(t_begin + uint32(tps)), ktiles))
+
+        # per-thread gather setup: the A row this thread loads (forward, fused, dgrad) or its k lane
+        a_kk = uint32(tid // uint32(BM)) if A_ALONG_M else uint32(tid % uint32(BK))
+        am = uint32(m0 + tid % uint32(BM))
+        a_ok = am < M
+        h0 = int32(0)
+        w0 = int32(0)
+        a_base = uint32(0)
+        if MODE == _FWD or MODE == _FUSED:
+            if MODE == _FWD:
+                nn_ = uint32(am // HoWo)
+                pq = uint32(am - nn_ * HoWo)
+                ho = uint32(pq // uint32(Wo))
+                wo = uint32(pq - ho * uint32(Wo))
+            else:  # local row r = tr + i*ROW_T holds cell q = i % 4 of window tr + (i // 4)*ROW_T
+                r_loc = uint32(tid % uint32(BM))
+                i_a = uint32(r_loc // uint32(ROW_T))
+                win = uint32(m0 // uint32(4) + r_loc % uint32(ROW_T) + (i_a // uint32(4)) * uint32(ROW_T))
+                q = uint32(i_a % uint32(4))
+                a_ok = win < uint32(N * Hp * Wp)
+                nn_ = uint32(win // uint32(Hp * Wp))
+                pq = uint32(win - nn_ * uint32(Hp * Wp))
+                hp = uint32(pq // uint32(Wp))
+                ho = uint32(uint32(2) * hp + q // uint32(2))
+                wo = uint32(uint32(2) * (pq - hp * uint32(Wp)) + q % uint32(2))
+            h0 = int32(ho) * int32(SH) - int32(ph)
+            w0 = int32(wo) * int32(SW) - int32(pw)
+            a_base = uint32(nn_ * uint32(C) * HW)
+        elif MODE == _DGRAD:
+            nn_ = uint32(am // HW)
+            pq = uint32(am - nn_ * HW)
+            hh = uint32(pq // uint32(W))
+            h0 = int32(hh) + int32(ph)
+            w0 = int32(pq - hh * uint32(W)) + int32(pw)
+            a_base = uint32(nn_ * uint32(O) * HoWo)
+        b_kk = uint32(tid % uint32(BK))
+        b_n = uint32(n0 + tid // uint32(BK))
+
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = float32(0.0)
+
+        for t in range(t_begin, uint32(t_end + uint32(1))):  # one extra trip: the last slice is only computed
+            if t < t_end:  # gather slice t into registers (uniform branch)
+                k0 = uint32(t * uint32(BK))
+                if MODE == _WGRAD:  # one k per thread: k -> (n, ho, wo) by multiply-shift divisions
+                    k = uint32(k0 + a_kk)
+                    k_ok = k < K
+                    nn_ = uint32(uint32(uint32((uint64(k) * uint64(mul_hw)) >> uint64(32)) + k) >> uint32(shr_hw))
+                    pq = uint32(k - nn_ * HoWo)
+                    ho = uint32(uint32(uint32((uint64(pq) * uint64(mul_w)) >> uint64(32)) + pq) >> uint32(shr_w))
+                    wo = uint32(pq - ho * uint32(Wo))
+                    hi0 = int32(ho) * int32(SH) - int32(ph)
+                    wi0 = int32(wo) * int32(SW) - int32(pw)
+                    dy_base = uint32(nn_ * uint32(O) * HoWo + pq)
+                    x_base = uint32(nn_ * uint32(C) * HW)
+                    for r in range(A_LOADS):
+                        o = uint32(m0 + tid // uint32(BK) + uint32(r * A_STEP))
+                        v = float32(0.0)
+                        if k_ok and o < M:
+                            v = src0[uint32(dy_base + o * HoWo)]
+                        ra[r] = v
+                    for r in range(B_LOADS):
+                        col = uint32(b_n + uint32(r * B_STEP))
+                        c = uint32(col // uint32(KHW))
+                        ij = uint32(col - c * uint32(KHW))
+                        ii = uint32(ij // uint32(KW))
+                        hi = hi0 + int32(ii)
+                        wi = wi0 + int32(ij - ii * uint32(KW))
+                        v = float32(0.0)
+                        if k_ok and c < uint32(C) and hi >= 0 and hi < H and wi >= 0 and wi < W:
+                            v = src1[uint32(x_base + c * HW + uint32(hi) * uint32(W) + uint32(wi))]
+                        elif k_ok and has_bias and col == uint32(C * KHW):  # the column of ones: db
+                            v = float32(1.0)
+                        rb[r] = v
+                else:
+                    for r in range(A_LOADS):
+                        k = uint32(k0 + a_kk + uint32(r * A_STEP))
+                        c = uint32(k // uint32(KHW))  # c, or o for dgrad
+                        ij = uint32(k - c * uint32(KHW))
+                        ii = uint32(ij // uint32(KW))
+                        jj = uint32(ij - ii * uint32(KW))
+                        v = float32(0.0)
+                        if MODE == _DGRAD:  # output row (h + ph - i) / sh must exist on the stride grid
+                            th = h0 - int32(ii)
+                            tw = w0 - int32(jj)
+                            if SH == 1 and SW == 1:
+                                if a_ok and k < K and th >= 0 and th < Ho and tw >= 0 and tw < Wo:
+                                    v = src0[uint32(a_base + c * HoWo + uint32(th) * uint32(Wo) + uint32(tw))]
+                            elif (a_ok and k < K and th >= 0 and tw >= 0 and th % SH == 0 and tw % SW == 0
+                                  and th // SH < Ho and tw // SW < Wo):
+                                v = src0[uint32(a_base + c * HoWo + uint32(th // SH) * uint32(Wo) + uint32(tw // SW))]
+                        else:
+                            hi = h0 + int32(ii)
+                            wi = w0 + int32(jj)
+                            if a_ok and k < K and hi >= 0 and hi < H and wi >= 0 and wi < W:
+                                v = src0[uint32(a_base + c * HW + uint32(hi) * uint32(W) + uint32(wi))]
+                        ra[r] = v
+                    k = uint32(k0 + b_kk)
+                    for r in range(B_LOADS):
+                        col = uint32(b_n + uint32(r * B_STEP))
+                        v = float32(0.0)
+                        if k < K and col < NG:
+                            if MODE == _DGRAD:  # B[k, c] = w[o, c, ij] with k = o*KHW + ij
+                                o = uint32(k // uint32(KHW))
+                                v = src1[uint32((o * uint32(C) + col) * uint32(KHW) + (k - o * uint32(KHW)))]
+                            else:  # B[k, o] = w[o, k]
+                                v = src1[uint32(col * K + k)]
+                        rb[r] = v
+            if t > t_begin:  # compute slice t - 1 from shared memory
+                # unsigned offsets: Numba's wraparound fix-up for signed indices would cost ~4 integer
+                # instructions per shared load (see gemm.py's register_tiled)
+                a_off = uint32(trow)
+                b_off = uint32(tcol)
+                for kk in range(BK):
+                    for i in range(TM):
+                        af[i] = sa[uint32(a_off + uint32(i * ROW_T))]
+                    for j in range(TN):
+                        bf[j] = sb[uint32(b_off + uint32(j * COL_T))]
+                    for i in range(TM):
+                        for j in range(TN):
+                            acc[i, j] += af[i] * bf[j]
+                    a_off = uint32(a_off + uint32(LDA))
+                    b_off = uint32(b_off + uint32(LDB))
+            cuda.syncthreads()
+            if t < t_end:
+                for r in range(A_LOADS):
+                    if A_ALONG_M:
+                        sa[uint32((a_kk + uint32(r * A_STEP)) * uint32(LDA) + tid % uint32(BM))] = ra[r]
+                    else:
+                        sa[uint32(a_kk * uint32(LDA) + tid // uint32(BK) + uint32(r * A_STEP))] = ra[r]
+                for r in range(B_LOADS):
+                    sb[uint32(b_kk * uint32(LDB) + tid // uint32(BK) + uint32(r * B_STEP))] = rb[r]
+            cuda.syncthreads()
+
+        # epilogue: one store per element (+ bias, ReLU; the fused mode pools the 4 cells first)
+        if MODE == _FUSED:
+            HpWp = uint32(Hp * Wp)
+            for g in range(TM // 4):
+                win = uint32(m0 // uint32(4) + trow + uint32(g * ROW_T))
+                if win < uint32(N * Hp * Wp):
+                    nn_ = uint32(win // HpWp)
+                    pq = uint32(win - nn_ * HpWp)
+                    hp = uint32(pq // uint32(Wp))
+                    wp = uint32(pq - hp * uint32(Wp))
+                    for j in range(TN):
+                        o = uint32(n0 + tcol + uint32(j * COL_T))
+                        if o < NG:
+                            best = float32(0.0)
+                            arg = int32(-1)
+                            for q in range(4):  # row-major window order: the first strict maximum wins
+                                v = acc[g * 4 + q, j]
+                                if has_bias:
+                                    v += bias[o]
+                                if v < float32(0.0):  # ReLU as relu_kernel: NaN is not < 0, it propagates
+                                    v = float32(0.0)
+                                if arg < 0 or v > best or (v != v and best == best):
+                                    best = v
+                                    arg = int32((2 * hp + q // 2) * uint32(Wo) + 2 * wp + q % 2)
+                            dst = uint32((nn_ * NG + o) * HpWp + pq)
+                            out[dst] = best
+                            idx[dst] = arg
+        else:
+            for i in range(TM):
+                m = uint32(m0 + trow + uint32(i * ROW_T))
+                if m < M:
+                    if MODE == _FWD:
+                        nn_ = uint32(m // HoWo)
+                        dst = uint32(nn_ * NG * HoWo + (m - nn_ * HoWo))
+                        step = HoWo
+                    elif MODE == _DGRAD:
+                        nn_ = uint32(m // HW)
+                        dst = uint32(nn_ * NG * HW + (m - nn_ * HW))
+                        step = HW
+                    else:
+                        dst = uint32((uint32(cuda.blockIdx.z) * M + m) * NG)
+                        step = uint32(1)
+                    for j in range(TN):
+                        col = uint32(n0 + tcol + uint32(j * COL_T))
+                        if col < NG:
+                            v = acc[i, j]
+                            if MODE == _FWD:
+                                if has_bias:
+                                    v += bias[col]
+                                if (flags & 2) != 0 and v < float32(0.0):
+                                    v = float32(0.0)
+                            out[uint32(dst + col * step)] = v
+
+    name = f"{_IG_NAMES[mode]}_k{kh}x{kw}_s{sh}x{sw}"
+    if tile != IG_GPU_TILES[mode]:
+        name += "_t" + "x".join(map(str, tile))
+    igemm.__name__ = igemm.__qualname__ = name
+    return igemm
+
+
+def _ig_tile(mode):
+    return IG_SIM_TILE if config.ENABLE_CUDASIM else IG_GPU_TILES[mode]
+
+
+def _ig_kernel(mode, kh, kw, sh, sw, tile=None):
+    """The cached kernel for (mode, filter, stride, tile), built on first use."""
+    key = (mode, kh, kw, sh, sw, _ig_tile(mode) if tile is None else tuple(tile))
+    disp = _IG_CACHE.get(key)
+    if disp is None:
+        disp = _IG_CACHE[key] = cuda.jit(_ig_build(*key), cache=DISK_CACHE)
+    return disp
+
+
+def _ig_register(mode, kh, kw, sh, sw):
+    """Put one specialisation in the kernel registry, so the compile check builds it for sm_80/sm_90."""
+    disp = _ig_kernel(mode, kh, kw, sh, sw)
+    KERNELS[f"conv2d.{disp.py_func.__name__}"] = (disp, IG_SIGNATURE, __name__)
+
+
+# representative specialisations (each costs the compile check ~3 s per arch): 3x3 stride 1 (VGG/ResNet)
+# in every mode, 1x1 stride 2 (a ResNet shortcut), dX's stride-grid path (3x3 s2), LeNet's fused 5x5
+for _spec in ((_FWD, 3, 3, 1, 1), (_FWD, 1, 1, 2, 2), (_FUSED, 5, 5, 1, 1), (_DGRAD, 3, 3, 1, 1),
+              (_DGRAD, 3, 3, 2, 2), (_WGRAD, 3, 3, 1, 1)):
+    _ig_register(*_spec)
+del _spec
+
+
+@kernel("void(float32[::1], float32[::1], float32[::1], int32, int32, int32, int32)")
+def conv2d_backward_weight_implicit_gemm_reduce_kernel(part, dw, db, splits, O, CKK, has_bias):
+    """split-K reduction: one thread per (o, column) adds the splits' partial tiles in split order."""
+    # part: (splits, O, CKK + has_bias) float32; dw: (O, CKK) flat; db: (O,) (written when has_bias)
+    t = cuda.grid(1)
+    cols = CKK + has_bias
+    if t < O * cols:
+        o = t // cols
+        col = t - o * cols
+        total = float32(0.0)
+        for s in range(splits):  # a fixed order: the same bits every run
+            total += part[s * O * cols + t]
+        if col < CKK:
+            dw[o * CKK + col] = total
+        else:
+            db[o] = total
+
+
 # --- launchers ---------------------------------------------------------------------------------------
 
 
@@ -403,37 +812,239 @@ def conv2d_backward_bias_blocks(dy, db):
     return db
 
 
-_FORWARD = {"naive": conv2d_forward_naive, "tiled": conv2d_forward_tiled}
+# implicit GEMM launchers (the kernels above; flat views of the arrays, no copies)
+
+_IG_SCRATCH = {}  # dW's partial tiles and a 1-element idx stand-in: allocated once, grown when needed
+
+
+def _ig_scratch(name, size, dtype=np.float32):
+    buf = _IG_SCRATCH.get(name)
+    if buf is None or buf.shape[0] < size:
+        buf = _IG_SCRATCH[name] = cuda.device_array(max(size, 1), dtype)
+    return buf
+
+
+def _flat(a):
+    return a.reshape(int(np.prod(a.shape)))
+
+
+def _ig_check_elements(**shapes):
+    """ValueError unless every tensor fits the kernels' 32-bit offsets."""
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        if size > IG_MAX_ELEMENTS:
+            raise ValueError(f"{name}: {size} elements is more than the 2**31 - 1 that the implicit-GEMM "
+                             "kernels address with 32-bit offsets; use version='naive' (forward) or 'direct'")
+
+
+def implicit_gemm_supported(x_shape, w_shape, stride, padding, dilation=(1, 1), groups=1):
+    """True when the implicit-GEMM kernels apply: dilation 1, groups 1, every tensor < 2**31 elements."""
+    if tuple(dilation) != (1, 1) or groups != 1 or len(x_shape) != 4 or len(w_shape) != 4:
+        return False
+    try:
+        y_shape = _out_shape(tuple(x_shape), tuple(w_shape), stride, padding)
+        _ig_check_elements(x=x_shape, w=w_shape, y=y_shape)
+    except ValueError:
+        return False
+    return True
+
+
+def _ig_launch(mode, grid, w_shape, stride, args, tile):
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    tile = _ig_tile(mode) if tile is None else tuple(tile)
+    if grid[1] > 65535:
+        raise ValueError(f"w: {w_shape} needs {grid[1]} column tiles, more than a launch's grid.y holds")
+    threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
+    k = _ig_kernel(mode, kh, kw, int(stride[0]), int(stride[1]), tile)
+    k[grid, threads](*args)
+
+
+def _ig_sizes(*values):
+    return tuple(np.int32(v) for v in values)
+
+
+def conv2d_forward_implicit_gemm(x, w, b, y, stride, padding, relu=False, tile=None):
+    """y = conv(x, w) + b (then max(., 0) when ``relu``) as an implicit GEMM; b may be None."""
+    out_shape, bias_arg, has_bias = _check_forward(x, w, b, y, stride, padding)
+    _ig_check_elements(x=x.shape, w=w.shape, y=out_shape)
+    if 0 in out_shape:
+        return y
+    n, c, h, wd = (int(v) for v in x.shape)
+    o, ho, wo = out_shape[1:]
+    sh, sw, ph, pw = _params(stride, padding)
+    tile = _ig_tile(_FWD) if tile is None else tile
+    grid = (ceil_div(n * ho * wo, tile[0]), ceil_div(o, tile[1]), 1)
+    flags = has_bias | (2 if relu else 0)
+    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), _ig_scratch("idx", 1, np.int32),
+            *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, flags, 1), np.uint32(0), np.int32(0), np.uint32(0),
+            np.int32(0))
+    _ig_launch(_FWD, grid, w.shape, (sh, sw), args, tile)
+    return y
+
+
+def fused_output_shape(x_shape, w_shape, stride, padding):
+    """(N, O, Ho // 2, Wo // 2): the 2x2 stride-2 max pool of the convolution's output."""
+    n, o, ho, wo = _out_shape(tuple(x_shape), tuple(w_shape), stride, padding)
+    if ho < 2 or wo < 2:
+        raise ValueError(f"w: the convolution's output {(ho, wo)} is smaller than the 2x2 pooling window")
+    return (n, o, ho // 2, wo // 2)
+
+
+def conv2d_relu_maxpool_fused(x, w, b, y, idx, stride, padding, tile=None):
+    """fused: y, idx = max_pool2d(relu(conv(x, w) + b), 2) in one kernel; the conv output is never stored.
+
+    idx (int32) is in kernels/pool.py's format: ho*Wo + wo of the maximum within its (n, o) plane of
+    the conv output (Ho, Wo), the first strict maximum of the row-major window winning.
+    """
+    _check4("x", x)
+    _check4("w", w)
+    pooled = fused_output_shape(x.shape, w.shape, stride, padding)
+    check_device_array("y", y, shape=pooled)
+    check_device_array("idx", idx, shape=pooled, dtype=np.int32)
+    if b is not None:
+        check_device_array("b", b, shape=(pooled[1],))
+    conv_shape = _out_shape(tuple(x.shape), tuple(w.shape), stride, padding)
+    _ig_check_elements(x=x.shape, w=w.shape, y=conv_shape)
+    if 0 in pooled:
+        return y, idx
+    n, c, h, wd = (int(v) for v in x.shape)
+    o, ho, wo = conv_shape[1:]
+    sh, sw, ph, pw = _params(stride, padding)
+    tile = _ig_tile(_FUSED) if tile is None else tile
+    grid = (ceil_div(n * (ho // 2) * (wo // 2) * 4, tile[0]), ceil_div(o, tile[1]), 1)
+    bias_arg = b if b is not None else _flat(y)
+    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), _flat(idx),
+            *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, int(b is not None) | 2, 1), np.uint32(0), np.int32(0),
+            np.uint32(0), np.int32(0))
+    _ig_launch(_FUSED, grid, w.shape, (sh, sw), args, tile)
+    return y, idx
+
+
+def conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding, tile=None):
+    """dx as the transposed implicit GEMM (M = N*H*W, N = C_in, K = C_out*kH*kW); dx written in full."""
+    out_shape = _out_shape(_check4("dx", dx), _check4("w", w), stride, padding)
+    check_device_array("dy", dy, shape=out_shape)
+    _ig_check_elements(dx=dx.shape, w=w.shape, dy=out_shape)
+    if 0 in dx.shape:
+        return dx
+    n, c, h, wd = (int(v) for v in dx.shape)
+    o, ho, wo = out_shape[1:]
+    sh, sw, ph, pw = _params(stride, padding)
+    tile = _ig_tile(_DGRAD) if tile is None else tile
+    grid = (ceil_div(n * h * wd, tile[0]), ceil_div(c, tile[1]), 1)
+    args = (_flat(dy), _flat(w), _flat(dx), _flat(dx), _ig_scratch("idx", 1, np.int32),
+            *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, 0, 1), np.uint32(0), np.int32(0), np.uint32(0),
+            np.int32(0))
+    _ig_launch(_DGRAD, grid, w.shape, (sh, sw), args, tile)
+    return dx
+
+
+def wgrad_splits(w_shape, dy_shape, has_bias, splits=None, tile=None):
+    """(splits, K-slices per split) of dW's split-K GEMM: enough blocks to fill the GPU
+    (IG_WGRAD_TARGET_BLOCKS), at least IG_WGRAD_MIN_TILES slices each; ``splits`` overrides the count."""
+    o, c, kh, kw = w_shape
+    n, _, ho, wo = dy_shape
+    bm, bn, bk = (_ig_tile(_WGRAD) if tile is None else tile)[:3]
+    ktiles = ceil_div(n * ho * wo, bk)
+    if splits is None:
+        blocks = ceil_div(o, bm) * ceil_div(c * kh * kw + has_bias, bn)
+        splits = max(1, min(ceil_div(IG_WGRAD_TARGET_BLOCKS, blocks), ceil_div(ktiles, IG_WGRAD_MIN_TILES)))
+    elif isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
+        raise ValueError(f"splits: expected a positive int, got {splits!r}")
+    per = ceil_div(ktiles, min(int(splits), max(ktiles, 1)))
+    return max(1, ceil_div(ktiles, max(per, 1))), max(per, 1)
+
+
+def conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=None, splits=None, tile=None):
+    """dw (and db when given) as a split-K GEMM with K = N*Ho*Wo; db is the GEMM's extra column of ones.
+
+    Each of the ``splits`` (None: see :func:`wgrad_splits`) writes its partial tile; a second kernel adds
+    them in split order, so the result has the same bits every run. dw and db are written in full.
+    """
+    out_shape = _out_shape(_check4("x", x), _check4("dw", dw), stride, padding)
+    check_device_array("dy", dy, shape=out_shape)
+    if db is not None:
+        check_device_array("db", db, shape=(out_shape[1],))
+    _ig_check_elements(x=x.shape, dw=dw.shape, dy=out_shape)
+    if 0 in dw.shape:
+        return dw
+    n, c, h, wd = (int(v) for v in x.shape)
+    o, ho, wo = out_shape[1:]
+    sh, sw, ph, pw = _params(stride, padding)
+    if n * ho * wo == 0:  # an empty batch: zero gradients
+        fill(dw, 0.0)
+        if db is not None:
+            fill(db, 0.0)
+        return dw
+    has_bias = int(db is not None)
+    tile = _ig_tile(_WGRAD) if tile is None else tuple(tile)
+    nsplit, per = wgrad_splits(dw.shape, out_shape, has_bias, splits, tile)
+    cols = c * dw.shape[2] * dw.shape[3] + has_bias
+    _ig_check_elements(partial_tiles=(nsplit, o, cols))
+    part = _ig_scratch("wgrad", nsplit * o * cols)
+    grid = (ceil_div(o, tile[0]), ceil_div(cols, tile[1]), nsplit)
+    mul_hw, shr_hw = _magic(ho * wo)
+    mul_w, shr_w = _magic(wo)
+    args = (_flat(dy), _flat(x), part, part, _ig_scratch("idx", 1, np.int32),
+            *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, has_bias, per), np.uint32(mul_hw), np.int32(shr_hw),
+            np.uint32(mul_w), np.int32(shr_w))
+    _ig_launch(_WGRAD, grid, dw.shape, (sh, sw), args, tile)
+    blocks, threads = grid_1d(o * cols)
+    conv2d_backward_weight_implicit_gemm_reduce_kernel[blocks, threads](
+        part, _flat(dw), db if db is not None else part, *_ig_sizes(nsplit, o, cols - has_bias, has_bias))
+    return dw
+
+
+_FORWARD = {"naive": conv2d_forward_naive, "tiled": conv2d_forward_tiled,
+            "implicit_gemm": conv2d_forward_implicit_gemm}
 
 
 # --- dispatcher --------------------------------------------------------------------------------------
 
 
+def _pick_backward(version, x_shape, w_shape, stride, padding):
+    if version is None:
+        return "implicit_gemm" if implicit_gemm_supported(x_shape, w_shape, stride, padding) else "direct"
+    if version not in BACKWARD_VERSIONS:
+        raise ValueError(f"version: unknown conv2d backward version {version!r}; expected one of "
+                         f"{', '.join(BACKWARD_VERSIONS)}")
+    return version
+
+
 def conv2d_forward(x, w, b, y, stride, padding, version=None):
     """Device arrays in and out, no allocation: y (N, O, Ho, Wo) is written. b may be None.
 
-    stride, padding: (int, int) pairs. version: one of VERSIONS; None picks ``tiled`` where its shared
-    arrays hold the filter and stride (kH, kW <= MAX_K, strides <= MAX_STRIDE) on a GPU, else ``naive``
-    (always ``naive`` under the simulator).
+    stride, padding: (int, int) pairs. version: one of VERSIONS; None picks ``implicit_gemm`` where it
+    applies (see implicit_gemm_supported; on a GPU: IG_FORWARD_DEFAULT), else ``tiled`` where its shared arrays hold the filter and
+    stride (kH, kW <= MAX_K, strides <= MAX_STRIDE) on a GPU, else ``naive``.
     """
     _params(stride, padding)
     if version is None:
-        # The simulator runs a block's 256 threads as Python threads meeting at every barrier: the tiled
-        # kernel is tested there by name, but as a default it would make whole-model runs crawl.
-        tiled_ok = tiled_supported(tuple(w.shape), stride) and not config.ENABLE_CUDASIM
-        version = DEFAULT_VERSION if tiled_ok else "naive"
+        if IG_FORWARD_DEFAULT and implicit_gemm_supported(tuple(x.shape), tuple(w.shape), stride, padding):
+            version = DEFAULT_VERSION
+        else:
+            # The simulator runs a block's 256 threads as Python threads meeting at every barrier: the tiled
+            # kernel is tested there by name, but as a default it would make whole-model runs crawl.
+            tiled_ok = tiled_supported(tuple(w.shape), stride) and not config.ENABLE_CUDASIM
+            version = "tiled" if tiled_ok else "naive"
     if version not in _FORWARD:
         raise ValueError(f"version: unknown conv2d forward version {version!r}; expected one of {', '.join(VERSIONS)}")
     return _FORWARD[version](x, w, b, y, stride, padding)
 
 
-def conv2d_backward_input(dy, w, dx, stride, padding):
-    """Device arrays, no allocation: dx (N, C, H, W) is written in full."""
+def conv2d_backward_input(dy, w, dx, stride, padding, version=None):
+    """Device arrays, no allocation: dx (N, C, H, W) is written in full. version: BACKWARD_VERSIONS
+    (None: ``implicit_gemm`` where it applies, else ``direct``, the gather kernel)."""
+    if _pick_backward(version, tuple(dx.shape), tuple(w.shape), stride, padding) == "implicit_gemm":
+        return conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding)
     return conv2d_backward_input_gather(dy, w, dx, stride, padding)
 
 
-def conv2d_backward_weight(dy, x, dw, stride, padding):
-    """Device arrays, no allocation: dw (O, C, kH, kW) is written in full."""
+def conv2d_backward_weight(dy, x, dw, stride, padding, version=None):
+    """Device arrays, no allocation: dw (O, C, kH, kW) is written in full. version: as for dx
+    (``direct``: one block per weight element)."""
+    if _pick_backward(version, tuple(x.shape), tuple(dw.shape), stride, padding) == "implicit_gemm":
+        return conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding)
     return conv2d_backward_weight_blocks(dy, x, dw, stride, padding)
 
 
@@ -442,8 +1053,31 @@ def conv2d_backward_bias(dy, db):
     return conv2d_backward_bias_blocks(dy, db)
 
 
+def conv2d_backward(dy, x, w, dx, dw, db, stride, padding, version=None):
+    """All three gradients, device arrays, no allocation; dx and db may be None (not wanted).
+
+    ``implicit_gemm`` (the default where it applies) computes db in dW's GEMM (its column of ones);
+    ``direct`` runs the gather dX, and the block reductions for dW and db.
+    """
+    version = _pick_backward(version, tuple(x.shape), tuple(w.shape), stride, padding)
+    if version == "implicit_gemm":
+        if dx is not None:
+            conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding)
+        conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=db)
+        return dx, dw, db
+    if dx is not None:
+        conv2d_backward_input_gather(dy, w, dx, stride, padding)
+    conv2d_backward_weight_blocks(dy, x, dw, stride, padding)
+    if db is not None:
+        conv2d_backward_bias_blocks(dy, db)
+    return dx, dw, db
+
+
 __all__ = [
-    "VERSIONS", "DEFAULT_VERSION", "TILE_H", "TILE_W", "MAX_K", "MAX_STRIDE", "RED_THREADS",
-    "output_size", "tiled_supported", "conv2d_reference", "conv2d_backward_reference",
+    "VERSIONS", "DEFAULT_VERSION", "BACKWARD_VERSIONS", "BACKWARD_INPUT_VERSIONS", "BACKWARD_WEIGHT_VERSIONS",
+    "TILE_H", "TILE_W", "MAX_K", "MAX_STRIDE", "RED_THREADS", "IG_GPU_TILES", "IG_SIM_TILE",
+    "output_size", "tiled_supported", "implicit_gemm_supported", "fused_output_shape", "wgrad_splits",
+    "conv2d_reference", "conv2d_backward_reference", "conv2d_relu_maxpool_reference",
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
+    "conv2d_backward", "conv2d_relu_maxpool_fused",
 ]

@@ -67,8 +67,8 @@ def _reference():
 
 
 def test_versions_are_the_ones_tested(kernel_backend):
-    assert _k().VERSIONS == OP_VERSIONS == ("naive", "tiled")
-    assert _k().DEFAULT_VERSION == "tiled"
+    assert _k().VERSIONS == OP_VERSIONS == ("naive", "tiled", "implicit_gemm")
+    assert _k().DEFAULT_VERSION == "implicit_gemm"  # on a GPU; see IG_FORWARD_DEFAULT
 
 
 def test_cases_are_what_they_claim():

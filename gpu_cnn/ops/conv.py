@@ -38,8 +38,9 @@ Scratch buffers (the batch-last input, cols, the outputs before the NCHW copy) a
 per shape in a small LRU cache, so a training loop calling with the same shapes does not re-allocate
 (and page-fault) tens of MB per call; results never alias them.
 
-cuda/sim: :mod:`gpu_cnn.kernels.conv2d` (forward ``naive`` or ``tiled``; dX gather, dW and db block
-reductions; no atomics).
+cuda/sim: :mod:`gpu_cnn.kernels.conv2d` (forward ``naive``, ``tiled`` or ``implicit_gemm``; backward
+``implicit_gemm`` -- dX transposed GEMM, split-K dW with db, deterministic -- or ``direct``: dX gather,
+dW and db block reductions; no atomics; the fused conv + ReLU + 2x2 max-pool).
 
 Host float64 input is computed in float32.
 """
@@ -58,7 +59,8 @@ _DY_LAYOUT = "(N, C_out, H_out, W_out)"
 
 # = gpu_cnn.kernels.conv2d.VERSIONS; not imported from there on cpu, because importing numba.cuda fixes
 # the simulator choice for the process (tests check the two agree).
-VERSIONS = ("naive", "tiled")
+VERSIONS = ("naive", "tiled", "implicit_gemm")
+BACKWARD_VERSIONS = ("direct", "implicit_gemm")  # = gpu_cnn.kernels.conv2d.BACKWARD_VERSIONS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,8 +261,9 @@ def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
 
     stride, padding: an int or a pair (rows, cols); zero padding. Returns y (N, C_out, Ho, Wo) with
     Ho = (H + 2*ph - kH) // sh + 1 (likewise Wo), written into ``out`` when given (no allocation).
-    ``version`` picks the forward kernel on cuda/sim (:data:`VERSIONS`: ``naive`` or ``tiled``; None:
-    ``tiled`` where it applies, else ``naive``) and is ignored on cpu. Host float64 input is computed
+    ``version`` picks the forward kernel on cuda/sim (:data:`VERSIONS`: ``naive``, ``tiled`` or
+    ``implicit_gemm``; None: ``implicit_gemm`` where it applies on a GPU, else ``tiled`` where it
+    applies, else ``naive``) and is ignored on cpu. Host float64 input is computed
     in float32.
     """
     _check_version(version)
@@ -287,15 +290,19 @@ def conv2d(x, w, b=None, stride=1, padding=0, *, out=None, version=None):
     return result(y, on_host)
 
 
-def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bias=True):
+def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bias=True, version=None):
     """Gradients of y = conv2d(x, w, b, stride, padding) given dy = dL/dy: returns (dx, dw, db).
 
     dx (N, C_in, H, W), None when ``need_dx`` is False (a first layer skips it); dw (C_out, C_in, kH,
     kW); db (C_out,) = Σ over (N, Ho, Wo) of dy, None when ``bias`` is False (the layer has no bias).
     Each is WRITTEN in full, not accumulated. ``out`` is a tuple (dx, dw, db) of preallocated arrays of
     the backend's kind; an entry may be None (then allocated when needed; with every needed entry given
-    nothing is allocated). Host float64 input is computed in float32.
+    nothing is allocated). Host float64 input is computed in float32. ``version`` picks the kernels on
+    cuda/sim (:data:`BACKWARD_VERSIONS`: ``implicit_gemm``, dX as the transposed implicit GEMM and dW +
+    db as a deterministic split-K GEMM; ``direct``, the gather and block-reduction kernels; None: the
+    first where it applies) and is ignored on cpu.
     """
+    check_version(version, BACKWARD_VERSIONS, "conv2d backward")
     s = pair("stride", stride, 1)
     p = pair("padding", padding, 0)
     dy, on_host = as_input("dy", dy, 4, _DY_LAYOUT)
@@ -324,9 +331,46 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, *, out=None, need_dx=True, bi
         return dx, dw, db
     from ..kernels import conv2d as kconv
 
-    if dx is not None:
-        kconv.conv2d_backward_input(dy, w, dx, s, p)
-    kconv.conv2d_backward_weight(dy, x, dw, s, p)
-    if db is not None:
-        kconv.conv2d_backward_bias(dy, db)
+    kconv.conv2d_backward(dy, x, w, dx, dw, db, s, p, version=version)
     return result(dx, on_host), result(dw, on_host), result(db, on_host)
+
+
+def conv2d_relu_maxpool2d(x, w, b=None, stride=1, padding=0, *, out=None):
+    """max_pool2d(relu(conv2d(x, w, b, stride, padding)), 2) -> (y, idx), fused on cuda/sim.
+
+    y (N, C_out, Ho // 2, Wo // 2) and idx (int32, in max_pool2d's format: the argmax's row*Wo + col
+    within its plane of the conv output) equal the three ops run one after the other (to float32
+    rounding), so ``max_pool2d_backward(dy, idx, (N, C_out, Ho, Wo), 2)`` routes the gradient; the
+    conv output itself is never stored on cuda/sim (one kernel, ``kernels.conv2d``'s ``fused``). On cpu
+    the three ops run in turn. ``out``: a preallocated (y, idx) pair.
+    """
+    s = pair("stride", stride, 1)
+    p = pair("padding", padding, 0)
+    x, on_host = as_input("x", x, 4, _X_LAYOUT)
+    w, _ = as_input("w", w, 4, _W_LAYOUT)
+    _check_dims("x", x, batch=True)
+    _check_dims("w", w)
+    conv_shape = _geometry(tuple(x.shape), tuple(w.shape), s, p)
+    if conv_shape[2] < 2 or conv_shape[3] < 2:
+        raise ValueError(f"w: the convolution's output {conv_shape[2:]} is smaller than the 2x2 pooling window")
+    pooled = conv_shape[:2] + (conv_shape[2] // 2, conv_shape[3] // 2)
+    if b is not None:
+        b, _ = as_input("b", b, 1, "(C_out,)")
+        if tuple(b.shape) != (conv_shape[1],):
+            raise ValueError(f"b: expected shape ({conv_shape[1]},), one value per output channel of w "
+                             f"{tuple(w.shape)}, got {tuple(b.shape)}")
+    if out is not None and not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("out: expected a tuple (y, idx)")
+    y = empty(pooled) if out is None else check_out("out[0] (y)", out[0], pooled)
+    idx = empty(pooled, np.int32) if out is None else check_out("out[1] (idx)", out[1], pooled, dtype=np.int32)
+    if not _backend.uses_kernels():
+        from .activation import relu
+        from .pool import max_pool2d
+
+        a = relu(conv2d(x, w, b, s, p))
+        max_pool2d(a, 2, 2, 0, out=(y, idx))
+        return y, idx
+    from ..kernels import conv2d as kconv
+
+    kconv.conv2d_relu_maxpool_fused(x, w, b, y, idx, s, p)
+    return result(y, on_host), result(idx, on_host)

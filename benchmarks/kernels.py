@@ -13,7 +13,7 @@ adam -- or full op names such as ``conv2d.bwd_weight``):
     conv2d.fwd  conv2d.bwd_input  conv2d.bwd_weight  conv2d.bwd_bias    (cpu backend: conv2d.bwd, all three)
     conv2d_relu_pool.fwd  (the fused conv + bias + ReLU + 2x2 max-pool; vendor: cuDNN conv, then torch's ReLU and pool)
     relu.fwd  relu.bwd  bias_relu.fwd  maxpool.fwd  maxpool.bwd
-    linear.fwd  linear.bwd (dx, dw, db)  gemm.nn  gemm.nt
+    linear.fwd  linear.bwd (dx, dw, db)  gemm.nn  gemm.nt  gemm.tn
     softmax_xent.fwd  softmax_xent.bwd  sgd.step (momentum 0.9)  adam.step
 
 Versions come from each kernel module (``VERSIONS`` and friends); the cpu backend has one, ``cpu``
@@ -364,24 +364,28 @@ def linear_cases(label, n, fin, fout):
 
 
 def gemm_cases(label, m_, n_, k_, layouts=("nn", "nt")):
+    """C = op(A)·op(B) for each layout: "nn", "nt" (B stored transposed: a dense layer's forward x·wᵀ) and
+    "tn" (A stored transposed: its weight gradient dyᵀ·x)."""
     cases = []
     for lay in layouts:
+        trans_a = lay == "tn"
         trans_b = lay == "nt"
         bs = (n_, k_) if trans_b else (k_, n_)
-        params = {"a": (m_, k_), "b": bs, "c": (m_, n_), "layout": lay}
+        as_ = (k_, m_) if trans_a else (m_, k_)
+        params = {"a": as_, "b": bs, "c": (m_, n_), "layout": lay}
 
-        def inp(rng, bs=bs):
-            return {"a": _randn(rng, (m_, k_)), "b": _randn(rng, bs)}
+        def inp(rng, bs=bs, as_=as_):
+            return {"a": _randn(rng, as_), "b": _randn(rng, bs)}
 
-        def ref(d, trans_b=trans_b):
+        def ref(d, trans_a=trans_a, trans_b=trans_b):
             a, b = C._f64(d["a"]), C._f64(d["b"])
-            return {"c": a @ (b.T if trans_b else b)}
+            return {"c": (a.T if trans_a else a) @ (b.T if trans_b else b)}
 
-        def cpu(b, trans_b=trans_b):
+        def cpu(b, trans_a=trans_a, trans_b=trans_b):
             if trans_b:  # the project's dense layer: y = x·wᵀ
                 _F().linear(b["a"], b["b"], out=b["c"])
             else:
-                np.matmul(b["a"], b["b"], out=b["c"])
+                np.matmul(b["a"].T if trans_a else b["a"], b["b"], out=b["c"])
 
         cases.append(Case(
             f"gemm.{lay}", label, params,
@@ -389,9 +393,11 @@ def gemm_cases(label, m_, n_, k_, layouts=("nn", "nt")):
             nbytes=F4 * (m_ * k_ + k_ * n_ + m_ * n_),   # A, B read; C written
             inputs=inp, outputs={"c": ((m_, n_), np.float32)}, reference=ref,
             versions=lambda m: tuple(m.VERSIONS),
-            kernel=lambda m, b, v, trans_b=trans_b: _call(m.gemm, b["a"], b["b"], b["c"], False, trans_b, version=v),
+            kernel=lambda m, b, v, trans_a=trans_a, trans_b=trans_b: _call(m.gemm, b["a"], b["b"], b["c"], trans_a,
+                                                                          trans_b, version=v),
             cpu=cpu,
-            vendor=lambda T, t, trans_b=trans_b: {"c": T.mm(t["a"], t["b"].t() if trans_b else t["b"])},
+            vendor=lambda T, t, trans_a=trans_a, trans_b=trans_b: {
+                "c": T.mm(t["a"].t() if trans_a else t["a"], t["b"].t() if trans_b else t["b"])},
             vendor_name="cublas"))
     return cases
 
@@ -581,6 +587,12 @@ def build_cases(sweep, backend):
     cases += linear_cases("lenet.fc1", B, 400, 120)
     cases += linear_cases("lenet.fc2", B, 120, 84)
     cases += linear_cases("lenet.fc3", B, 84, 10)
+    # the dense layers' three products one by one (batch 128): forward x·wᵀ (nt), dx = dy·w (nn),
+    # dw = dyᵀ·x (tn): where split_k is the dispatcher's pick
+    for name, fin, fout in (("fc1", 400, 120), ("fc2", 120, 84), ("fc3", 84, 10)):
+        cases += gemm_cases(f"lenet.{name}.fwd", B, fout, fin, layouts=("nt",))
+        cases += gemm_cases(f"lenet.{name}.dx", B, fin, fout, layouts=("nn",))
+        cases += gemm_cases(f"lenet.{name}.dw", fout, fin, B, layouts=("tn",))
     cases += gemm_cases("gemm1024", 1024, 1024, 1024, layouts=("nt",) if quick else ("nn", "nt"))
     if not quick:
         cases += gemm_cases("gemm4096", 4096, 4096, 4096)

@@ -28,6 +28,7 @@ _LAZY = {
     "viz": ".viz",
     "optim": ".optim",
     "memory": ".memory",
+    "simcheck": ".simcheck",
 }
 
 
@@ -48,4 +49,5 @@ def __getattr__(name):
 
 
 __all__ = ["set_backend", "get_backend", "gpu_available", "BackendError", "Trainer", "save", "load",
-           "functional", "nn", "models", "data", "viz", "optim", "memory"]
+           "functional", "nn", "models", "data", "viz", "optim", "memory",
+           "simcheck"]

@@ -195,6 +195,9 @@ def cmd_kernels(args):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     env.pop("GPU_CNN_BACKEND", None)
     cmd = [sys.executable, "-m", "gpu_cnn.compile_check", "--arch", args.arch]
+    cmd += ["--json"] if args.json else []
+    for text in args.only or ():
+        cmd += ["--only", text]
     return subprocess.call(cmd, env=env)
 
 
@@ -289,7 +292,17 @@ def cmd_train(args):
     out = _next_run_dir() if default_out else args.out
     _check_out(out)  # before the data are loaded: a refused run writes nothing
     _check_run_folder(out, args.overwrite)
+    if args.nproc > 1 or _distributed_launch():  # data-parallel: launch the ranks, or join as one
+        from . import distributed
+
+        if distributed.launched_size() == 1:
+            if default_out:  # every rank writes (rank 0) into the same, new folder
+                args.argv = list(args.argv) + ["--out", out]
+            return _launch_ranks(args)
     backend = _apply_backend(args)
+    root = _join_ranks()  # before any device memory: each rank picks its GPU
+    if not root:
+        say = lambda *a, **k: None  # noqa: E731  (only rank 0 prints and writes)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     train, test = _load_data(args)
     input_shape = tuple(int(s) for s in train.images.shape[1:])
@@ -325,7 +338,8 @@ def cmd_train(args):
             "num_classes": int(train.num_classes), "normalization": _norm(train)}
     trainer = Trainer(model, optimizer=args.optimizer, lr=lr, batch_size=batch_size, seed=args.seed,
                       progress=False if args.quiet else None, checkpoint_path=ckpt, metadata=meta)
-    os.makedirs(out, exist_ok=True)  # only now: a refused run leaves no folder behind
+    if root:
+        os.makedirs(out, exist_ok=True)  # only now: a refused run leaves no folder behind
     val_text = f"{len(val_part)} validation" if val_part is not None else "no validation"
     say(f"training {model_name} on {args.dataset} ({len(fit_part)} train / {val_text} / {len(test)} test images) "
         f"with {args.optimizer}, lr={lr:g}, batch {batch_size}, {epochs} epoch{'s' if epochs != 1 else ''}, backend {backend}")
@@ -338,16 +352,21 @@ def cmd_train(args):
                 line += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
             say(line + f"  ({row['seconds']:.1f} s)")
     except TrainingError as exc:
-        print(f"gpu-cnn train: error: {exc}", file=sys.stderr)
+        if root:
+            print(f"gpu-cnn train: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     m, pred = _evaluate_and_predict(trainer, test)
+    ranks = trainer.dp.size if getattr(trainer, "dp", None) else 1
+    if not root:
+        return 0
     metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"], "train_seconds": seconds,
                "epochs": epochs, "backend": backend, "dataset": args.dataset, "model": model_name,
                "optimizer": args.optimizer, "lr": lr, "batch_size": batch_size, "seed": args.seed,
                "val_split": val_split, "train_images": len(fit_part),
                "val_images": 0 if val_part is None else len(val_part), "sim_preset": preset,
-               "images_per_second": len(fit_part) * epochs / seconds, "history": trainer.history}
+               "images_per_second": len(fit_part) * epochs / seconds, "ranks": ranks,
+               "history": trainer.history}
     save(model, ckpt, metadata=dict(meta, metrics={k: v for k, v in metrics.items() if k != "history"}))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -356,7 +375,8 @@ def cmd_train(args):
     viz.confusion_matrix(test.labels, pred, class_names=test.classes, title=f"{title}, test split",
                          save=os.path.join(out, "confusion.png"))
     latest = _point_latest(out) if default_out else None
-    say(f"test accuracy {m['accuracy']:.4f} ({m['n']} images), loss {m['loss']:.4f}; trained in {seconds:.1f} s")
+    say(f"test accuracy {m['accuracy']:.4f} ({m['n']} images), loss {m['loss']:.4f}; trained in {seconds:.1f} s "
+        f"({metrics['images_per_second']:.0f} images/s{f' over {ranks} ranks' if ranks > 1 else ''})")
     say(f"wrote {out}/: model.npz, metrics.json, curves.png, confusion.png" +
         (f" ({latest} points to it)" if latest else ""))
     return 0
@@ -373,6 +393,43 @@ def _evaluate_and_predict(trainer, ds):
 
 def _default_model(input_shape):
     return "digits_cnn" if input_shape[-1] <= 10 else "lenet5"
+
+
+def _distributed_launch():
+    """True inside one of several ranks started by mpiexec/srun (or by --nproc)."""
+    from . import distributed
+
+    return distributed.launched_size() > 1
+
+
+def _launch_ranks(args):
+    """gpu-cnn train --nproc N: the same command as N local ranks under mpiexec."""
+    import subprocess
+
+    from . import distributed
+
+    argv, skip = [], False
+    for a in args.argv:  # the command line again, without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = distributed.launch_command(args.nproc, argv)
+    print(f"launching {args.nproc} ranks: {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, **{distributed.ENV_DISTRIBUTED: "1"})
+    return subprocess.call(cmd, env=env)
+
+
+def _join_ranks():
+    """Join the MPI world when launched as a rank; True on rank 0 (or without MPI)."""
+    if not _distributed_launch():
+        return True
+    from . import distributed
+
+    os.environ[distributed.ENV_DISTRIBUTED] = "1"  # the Trainer then trains data-parallel
+    return distributed.init()[0] == 0
 
 
 def _norm(ds):
@@ -652,6 +709,9 @@ def build_parser():
     p.add_argument("--yes", action="store_true",
                    help="on backend sim: run the full settings instead of the tiny preset (hours)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel over N local ranks via mpiexec (the batch size is global); "
+                        "clusters: mpiexec -n N gpu-cnn train ...")
     _backend_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -692,8 +752,11 @@ def build_parser():
     _backend_arg(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("kernels", help="every kernel's registers, shared memory and spills (ptxas)")
+    p = sub.add_parser("kernels", help="every kernel's registers, shared memory, spills, occupancy and "
+                                       "hot-loop instruction mix (ptxas + nvdisasm, no GPU needed)")
     p.add_argument("--arch", choices=("sm_80", "sm_90"), default="sm_90", help="sm_80 or sm_90 (default)")
+    p.add_argument("--json", action="store_true", help="write the full report as JSON")
+    p.add_argument("--only", action="append", metavar="TEXT", help="only kernels whose name contains TEXT (repeatable)")
     p.set_defaults(func=cmd_kernels)
     return ap
 
@@ -704,6 +767,7 @@ def main(argv=None):
     if rest and getattr(args, "func", None) is not cmd_bench:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         ap.print_help()
         return 1

@@ -66,12 +66,15 @@ class Trainer:
     kernel backends ``fit`` keeps the loss sum, the correct count and a non-finite flag on the device and
     reads them only at these refreshes and at the end of an epoch, never every step (a NaN loss is then
     found at the next read: the epoch is rolled back all the same, and the error names its step);
-    checkpoint_path: where to save the model after every good epoch (kept if training later fails).
+    checkpoint_path: where to save the model after every good epoch (kept if training later fails);
+    distributed: data-parallel over MPI/NCCL ranks (gpu_cnn.distributed); None = on when launched by
+    mpiexec/srun with $GPU_CNN_DISTRIBUTED=1. batch_size is then the global batch, split across ranks
+    (each step then reads its loss back: the ranks agree on a NaN at every step).
     """
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None,
-                 progress_interval=0.5):
+                 progress_interval=0.5, distributed=None):
         from .nn import Module
         from .optim import OPTIMIZERS, make_optimizer
 
@@ -86,6 +89,9 @@ class Trainer:
         if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split: expected a fraction in [0, 1), got {val_split!r}")
         seed = None if seed is None else _int("seed", seed, 0)
+        self.dp = _data_parallel(distributed)  # distributed hook: None on one process
+        if self.dp:
+            seed = self.dp.common_seed(seed)  # every rank shuffles alike, so the shards never overlap
         if checkpoint_path is not None:  # its folder may not exist yet (save makes it), but must be makeable
             folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint_path)))
             existing = folder
@@ -115,6 +121,8 @@ class Trainer:
         pairs = [(p.data, p.grad) for p in model.parameters()]
         self.optimizer = make_optimizer(optimizer, pairs, float(lr), flat=flat, **kw)
         self.optimizer_name = optimizer
+        if self.dp:
+            self.dp.broadcast_parameters(model)  # every rank starts from rank 0's weights
         self._saved = False  # whether a checkpoint was written by this trainer
         self.ws = Workspace("loss")
         self.staging = HostStaging()
@@ -158,11 +166,18 @@ class Trainer:
         Returns (loss, number correct)."""
         logits = self.model.forward(self._images(x))
         loss, probs, labels, y_host = self._loss(logits, y)
-        if not math.isfinite(loss):
+        if self.dp:  # distributed hook: all ranks agree on a NaN and learn the global batch size
+            n_local = self.dp.pop_local_count(len(y_host))
+            n_global, finite = self.dp.step_counts(n_local, math.isfinite(loss))
+            if not finite:
+                return math.nan, 0
+        elif not math.isfinite(loss):
             return loss, 0
         dlogits = self.ws.get("dlogits", logits.shape)
         F.softmax_cross_entropy_backward(probs, labels, out=dlogits)
         self.model.backward(dlogits)
+        if self.dp:  # distributed hook: the gradient of the global batch's mean loss on every rank
+            self.dp.all_reduce_gradients(self.model.parameters(), n_local, n_global)
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
@@ -233,7 +248,7 @@ class Trainer:
             order = self.rng.permutation(len(y))
             total_loss, correct, seen = 0.0, 0, 0
             bar = self._bar(len(y), f"epoch {epoch}")
-            on_device = _backend.uses_kernels()
+            on_device = _backend.uses_kernels() and not self.dp  # distributed: train_step, agreed each step
             if on_device:
                 from .kernels import metrics as kmetrics
 
@@ -243,7 +258,10 @@ class Trainer:
                 for start in range(0, len(y), self.batch_size):
                     idx = order[start:start + self.batch_size]
                     step = start // self.batch_size + 1
-                    seen += len(idx)
+                    n_here = len(idx)
+                    if self.dp:  # distributed hook: this rank's shard of the global batch
+                        idx, n_here = self.dp.shard(idx)
+                    seen += n_here
                     if on_device:  # nothing read back: the loss and the accuracy accumulate on the device
                         self._device_step(x[idx], y[idx], step)
                         refresh = not bar.disable and time.perf_counter() - shown >= self.progress_interval
@@ -256,13 +274,15 @@ class Trainer:
                             loss, ok = self.train_step(x[idx], y[idx])
                         if not math.isfinite(loss):
                             self._fail(epoch, step, loss, good)
-                        total_loss += loss * len(idx)
-                        correct += ok
+                        total_loss += loss * n_here
+                        correct += ok if n_here else 0
                         refresh = not bar.disable
-                    bar.update(len(idx))
-                    if refresh:
+                    bar.update(n_here)
+                    if refresh and seen:
                         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
                         shown = time.perf_counter()
+                if self.dp:  # distributed hook: metrics over all ranks
+                    total_loss, correct, seen = self.dp.sum_metrics(total_loss, correct, seen)
                 row = {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
                        "seconds": time.perf_counter() - t0}
                 if val_data is not None:
@@ -272,8 +292,10 @@ class Trainer:
                     self._save(row)
             except TrainingError:
                 raise
-            except BaseException:  # an error or an interrupt mid-epoch: back to the last whole epoch
+            except BaseException as exc:  # an error or an interrupt mid-epoch: back to the last whole epoch
                 self._restore(good)
+                if self.dp:  # distributed hook: one rank's failure stops every rank, with its error
+                    self.dp.abort(exc)
                 raise
             finally:
                 bar.close()
@@ -285,6 +307,9 @@ class Trainer:
         """{"loss", "accuracy", "n"} over `data`, in batches of the training batch size."""
         x, y = _arrays(data, "data")
         self._check_fits_model("data", x, y)
+        n = len(y)
+        if self.dp:  # distributed hook: each rank evaluates every size-th image
+            x, y = x[self.dp.rank::self.dp.size], y[self.dp.rank::self.dp.size]
         total, correct = 0.0, 0
         for start in range(0, len(y), self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
@@ -292,7 +317,9 @@ class Trainer:
             loss, probs, _, _ = self._loss(logits, yb)
             total += loss * len(yb)
             correct += int((_host(probs).argmax(axis=1) == yb).sum())
-        return {"loss": total / len(y), "accuracy": correct / len(y), "n": int(len(y))}
+        if self.dp:
+            total, correct = self.dp.sum_metrics(total, correct)
+        return {"loss": total / n, "accuracy": correct / n, "n": int(n)}
 
     def predict(self, x):
         """Class probabilities (host, float32) for a batch of images (N, C, H, W)."""
@@ -318,12 +345,16 @@ class Trainer:
     # -- helpers
     def _bar(self, total, desc):
         show = self.progress if self.progress is not None else sys.stderr.isatty()
+        show = show and (not self.dp or self.dp.is_root)  # one bar, rank 0's
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not show)
 
     def _save(self, row):
         from .checkpoint import save
+
+        if self.dp and not self.dp.is_root:  # distributed hook: only rank 0 writes
+            return
 
         meta = dict(self.metadata, epoch=row["epoch"], metrics=row, backend=_backend.get_backend())
         save(self.model, self.checkpoint_path, metadata=meta)
@@ -337,6 +368,17 @@ class Trainer:
             f"were restored to where they were before epoch {epoch}{where}. Try a lower learning rate "
             f"(lr={self.optimizer.lr}): set trainer.optimizer.lr and call fit again."
         )
+
+
+def _data_parallel(distributed):
+    """The gpu_cnn.distributed hooks, or None for one process (distributed=None: automatic)."""
+    from . import distributed as dist
+
+    if distributed is None:
+        distributed = dist.requested() and dist.launched_size() > 1
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected True, False or None, got {distributed!r}")
+    return dist.DataParallel() if distributed else None
 
 
 def _host(a):

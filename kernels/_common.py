@@ -22,6 +22,7 @@ def _thread_safe_simulator_shared_arrays():
     creates it when missing, without a lock: two threads of a block arriving together can each create
     their own "shared" array, so one thread's writes never reach the others (tiled kernels then give
     wrong sums, now and then). Here the same lookup runs under a lock. Nothing changes on a GPU.
+    Launches checked by gpu_cnn.simcheck allocate their shared arrays themselves (per block, under a lock).
     """
     if not config.ENABLE_CUDASIM:
         return
@@ -53,8 +54,15 @@ def _thread_safe_simulator_shared_arrays():
 
 _thread_safe_simulator_shared_arrays()
 
+# Under the simulator, gpu_cnn.simcheck hooks the launches (checked inside simcheck.checking() or with
+# GPU_CNN_SIMCHECK=1; with checking off they run as before). On a GPU it refuses GPU_CNN_SIMCHECK=1.
+from gpu_cnn import simcheck as _simcheck  # noqa: E402,F401  (installs on import)
+
 # name -> (dispatcher, signature, module). Filled at import time by @kernel.
 KERNELS = {}
+# name -> threads per block of its launches (int or tuple), where the registration gives ``block=``:
+# the compile check needs it for the blocks and warps resident per SM.
+KERNEL_BLOCKS = {}
 
 # Numba's on-disk kernel cache, when asked for (see the module docstring); the simulator has none.
 DISK_CACHE = os.environ.get("GPU_CNN_KERNEL_CACHE", "").strip() == "1" and not config.ENABLE_CUDASIM
@@ -72,16 +80,23 @@ def grid_1d(n, tpb=TPB_1D):
     return max(1, ceil_div(n, tpb)), tpb
 
 
-def kernel(signature):
+def kernel(signature, block=None, launch_bounds=None):
     """Declare a CUDA kernel: lazy ``cuda.jit`` plus its compile-check signature.
 
     ``signature`` is a Numba signature string such as ``"void(float32[:, ::1], float32[::1])"``.
+    ``block`` (optional) is the block shape its launcher uses on a GPU (an int or a tuple), from which the
+    compile check computes the blocks and warps resident per SM. ``launch_bounds`` (optional,
+    ``(max threads per block, min blocks per SM)``) is passed to ``cuda.jit`` and to the compile check:
+    ptxas then keeps the registers low enough for that many blocks (the simulator ignores it).
     """
 
     def deco(fn):
-        k = cuda.jit(fn, cache=DISK_CACHE)
+        bounds = {} if launch_bounds is None or config.ENABLE_CUDASIM else {"launch_bounds": launch_bounds}
+        k = cuda.jit(fn, cache=DISK_CACHE, **bounds)
         name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         KERNELS[name] = (k, signature, fn.__module__)
+        if block is not None:
+            KERNEL_BLOCKS[name] = block
         return k
 
     return deco
@@ -142,7 +157,7 @@ def block_max(buf, tid):
         s //= 2
 
 
-@kernel("void(float32[::1], float32)")
+@kernel("void(float32[::1], float32)", block=TPB_1D)
 def fill_kernel(a, value):
     """Set every element of a contiguous float32 array (viewed flat) to value."""
     # a: (n,) float32
@@ -176,3 +191,55 @@ def check_device_array(name, a, shape=None, dtype=np.float32):
     if not a.is_c_contiguous():
         raise ValueError(f"{name}: expected a C-contiguous array")
     return a
+
+
+# --- simulator: warp shuffles ---------------------------------------------------------------------------
+
+
+def _simulator_warp_shuffles():
+    """Give the CUDA simulator ``cuda.shfl_xor_sync`` and ``cuda.shfl_down_sync`` (numba-cuda 0.30.4's has
+    neither), for kernels whose every thread reaches every shuffle (the softmax warp kernel).
+
+    Each thread posts its value, the block meets at its barrier, each reads its source lane's value
+    (lane ^ lane_mask, or lane + delta; its own when that lane is outside the warp or the block), and
+    the block meets again before the next exchange. Using the block barrier is stricter than a GPU
+    (which needs only the warp): a kernel that shuffles under a thread-dependent branch hangs here
+    rather than passing. Only the full mask is supported. Nothing changes on a GPU.
+    """
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator import kernelapi
+
+    cls = kernelapi.FakeCUDAModule
+    if getattr(cls, "_gpu_cnn_shuffles", False):
+        return
+    lock = threading.Lock()
+
+    def exchange(mask, value, source_of):
+        if int(mask) & 0xFFFFFFFF != 0xFFFFFFFF:
+            raise NotImplementedError("simulated warp shuffles support only the full mask 0xffffffff")
+        t = threading.current_thread()
+        manager = t._manager
+        with lock:
+            posted = manager.__dict__.setdefault("_gpu_cnn_shuffle", {})
+        tid = t.thread_id
+        posted[tid] = value
+        t.syncthreads()
+        lane = tid % 32
+        src = source_of(lane)
+        got = posted.get(tid - lane + src, value) if 0 <= src < 32 else value
+        t.syncthreads()
+        return got
+
+    def shfl_xor_sync(self, mask, value, lane_mask):
+        return exchange(mask, value, lambda lane: lane ^ int(lane_mask))
+
+    def shfl_down_sync(self, mask, value, delta):
+        return exchange(mask, value, lambda lane: lane + int(delta))
+
+    cls.shfl_xor_sync = shfl_xor_sync
+    cls.shfl_down_sync = shfl_down_sync
+    cls._gpu_cnn_shuffles = True
+
+
+_simulator_warp_shuffles()

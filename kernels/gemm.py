@@ -13,20 +13,36 @@ Versions (rising in complexity, falling in run time):
 
     naive           one thread per output element, every operand read from global memory
     tiled           TILE x TILE shared-memory tiles of op(A) and op(B); each element loaded once per tile
-    register_tiled  128 x 128 block tile, each thread computes an 8 x 8 micro-tile from registers
-                    (the classic SGEMM "2-D blocktiling"); the kernel for the big benchmarks
+    blocktiled      128 x 128 block tile, each thread computes an 8 x 8 micro-tile from registers
+                    (the classic SGEMM "2-D blocktiling"); 155 registers: one block per SM
+    register_tiled  blocktiled double-buffered: the next K-slice is loaded into registers while the
+                    current one is computed, one barrier a step; each thread's 8 x 8 rows and columns
+                    are two groups of 4 consecutive words, so the fragments load as LDS.128 (0.06 shared
+                    loads per FFMA); launch bounds hold it at 128 registers (two 256-thread blocks per
+                    SM). Global loads stay scalar: Numba has no float4 and cannot promise the 16-byte
+                    alignment of a row, but each thread loads 4 consecutive addresses
+    split_k         for small M x N with a long K (dense layers: batch 128 x 400 -> 120 and the weight
+                    gradients): 64 x 64 tiles, K cut into slices over blockIdx.z, each block writing a
+                    partial tile; a second kernel sums the slices in a fixed order (bit-identical runs)
+
+``version=None`` (the default) picks split_k or register_tiled by shape (``pick_version``). The
+static figures of each (registers, occupancy, FFMA share of the hottest loop): ``gpu-cnn kernels
+--only gemm``; the timings: ``python -m benchmarks.kernels --only gemm,linear``.
 
 Run the checks: ``python -m pytest tests/test_gemm.py`` (simulator); build for real GPUs:
 ``python -m gpu_cnn.compile_check``.
 """
 
 import numpy as np
-from numba import cuda, float32, uint32
+from numba import config, cuda, float32, uint32
 
-from ._common import check_device_array, ceil_div, kernel
+from ._common import TPB_1D, check_device_array, ceil_div, grid_1d, kernel
 
-VERSIONS = ("naive", "tiled", "register_tiled")
-DEFAULT_VERSION = "tiled"
+VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k")
+# version=None picks register_tiled or split_k by shape (pick_version); a GPU with ~132 SMs wants at
+# least this many 128 x 128 tiles before register_tiled alone fills it. Under the simulator split_k
+# aims for fewer blocks (each simulated block costs 256 Python threads; the code path is the same).
+SPLIT_K_BELOW_TILES = 32
 
 # tiled: a TILE x TILE thread block computes a TILE x TILE tile of C.
 TILE = 16
@@ -103,7 +119,7 @@ GEMM_SIGNATURE = (
 )
 
 
-@kernel(GEMM_SIGNATURE)
+@kernel(GEMM_SIGNATURE, block=(TILE, TILE))
 def gemm_naive_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
     """naive: one thread per element of C, the K-long dot product read straight from global memory."""
     # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b; c: (M, N); bias: (N,)
@@ -125,7 +141,7 @@ def gemm_naive_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
         c[m, n] = v
 
 
-@kernel(GEMM_SIGNATURE)
+@kernel(GEMM_SIGNATURE, block=(TILE, TILE))
 def gemm_tiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
     """tiled: op(A) and op(B) staged through TILE x TILE shared tiles, each global element read once per tile."""
     # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b; c: (M, N); bias: (N,)
@@ -179,9 +195,9 @@ def gemm_tiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
         c[m, n] = v
 
 
-@kernel(GEMM_SIGNATURE)
-def gemm_register_tiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
-    """register_tiled: RT_BM x RT_BN block tile, each thread an RT_TM x RT_TN micro-tile kept in registers."""
+@kernel(GEMM_SIGNATURE, block=RT_THREADS)
+def gemm_blocktiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
+    """blocktiled: RT_BM x RT_BN block tile, each thread an RT_TM x RT_TN micro-tile kept in registers."""
     # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b; c: (M, N); bias: (N,)
     # Shared tiles, k-major and flat: sa[k * RT_LDA + i] = op(A)[m0 + i, k0 + k],
     # sb[k * RT_LDB + j] = op(B)[k0 + k, n0 + j], so step kk reads a column of op(A) and a row of op(B).
@@ -267,7 +283,269 @@ def gemm_register_tiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha,
                 c[m, n] = v
 
 
-@kernel("void(float32[:, ::1], float32[::1], float32, float32)")
+# register_tiled: the blocktiled tile shape (RT_BM x RT_BN x RT_BK, 8 x 8 per thread) with two shared
+# buffers per operand and 4-wide fragments; see the kernel's comments.
+RT_HALF_M = RT_BM // 2  # a thread's rows are trow*4 + {0..3} and RT_HALF_M + trow*4 + {0..3}
+RT_HALF_N = RT_BN // 2
+RT_BUF_A = RT_BK * RT_LDA  # one buffer of the k-major op(A) tile; the shared array holds two
+RT_BUF_B = RT_BK * RT_LDB
+RT_SMEM_A = 2 * RT_BUF_A  # (a shared array's shape must be a plain constant)
+RT_SMEM_B = 2 * RT_BUF_B
+RT_MIN_BLOCKS = 2  # launch bound: ptxas keeps <= 65536 / (2 * 256) = 128 registers
+assert RT_TM == 8 and RT_TN == 8 and RT_BM * RT_BK == 4 * RT_THREADS and RT_BN * RT_BK == 4 * RT_THREADS
+
+# split_k: a 64 x 64 tile of c per block of 256 threads, 4 x 4 per thread, K cut into SK_SPLITS
+# slices (blockIdx.z) whose partial tiles a second kernel sums in a fixed order (deterministic).
+SK_BM = 64
+SK_BN = 64
+SK_BK = 16
+SK_TM = 4
+SK_TN = 4
+SK_ROW_THREADS = SK_BM // SK_TM  # 16
+SK_COL_THREADS = SK_BN // SK_TN  # 16
+SK_THREADS = SK_ROW_THREADS * SK_COL_THREADS  # 256
+SK_PAD = 4  # keeps every row of the k-major tiles 16-byte aligned, and the transposing stores conflict-free
+SK_LDA = SK_BM + SK_PAD
+SK_LDB = SK_BN + SK_PAD
+SK_BUF_A = SK_BK * SK_LDA
+SK_BUF_B = SK_BK * SK_LDB
+SK_SMEM_A = 2 * SK_BUF_A
+SK_SMEM_B = 2 * SK_BUF_B
+# How many blocks split_k aims for (about one per SM of an H100/H200: 132), and the fewest K-steps a
+# slice keeps so the partial tiles stay worth their round trip.
+SK_TARGET_BLOCKS = 4 if config.ENABLE_CUDASIM else 128
+SK_MIN_STEPS = 2
+assert SK_BM * SK_BK == 4 * SK_THREADS and SK_BN * SK_BK == 4 * SK_THREADS
+
+
+@kernel(GEMM_SIGNATURE, block=RT_THREADS, launch_bounds=(RT_THREADS, RT_MIN_BLOCKS))
+def gemm_register_tiled_kernel(a, b, c, bias, trans_a, trans_b, has_bias, alpha, beta):
+    """register_tiled: blocktiled double-buffered (next K-slice prefetched into registers while this one computes), 4-wide fragments, <= 128 registers."""
+    # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b; c: (M, N); bias: (N,)
+    # Shared, k-major, two buffers each: sa[buf * RT_BUF_A + k * RT_LDA + i] = op(A)[m0 + i, k0 + k].
+    sa = cuda.shared.array(RT_SMEM_A, float32)
+    sb = cuda.shared.array(RT_SMEM_B, float32)
+    acc = cuda.local.array((RT_TM, RT_TN), float32)  # constant indices after unrolling: registers
+    a_frag = cuda.local.array(RT_TM, float32)
+    b_frag = cuda.local.array(RT_TN, float32)
+    a_next = cuda.local.array(4, float32)  # this thread's 4 elements of the next op(A) tile
+    b_next = cuda.local.array(4, float32)
+    tid = cuda.threadIdx.x
+    trow = tid // RT_COL_THREADS
+    tcol = tid % RT_COL_THREADS
+    m0 = cuda.blockIdx.y * RT_BM
+    n0 = cuda.blockIdx.x * RT_BN
+    M = c.shape[0]
+    N = c.shape[1]
+    K = a.shape[0] if trans_a else a.shape[1]
+
+    # Which 4 elements of each operand tile this thread loads: 4 consecutive addresses of the array as
+    # stored (consecutive threads continue them, so a warp reads whole rows).
+    if trans_a:  # a (K, M): 4 consecutive m of one k
+        a_k = tid // (RT_BM // 4)
+        a_i = (tid % (RT_BM // 4)) * 4
+    else:  # a (M, K): 4 consecutive k of one row
+        a_i = tid // (RT_BK // 4)
+        a_k = (tid % (RT_BK // 4)) * 4
+    if trans_b:  # b (N, K): 4 consecutive k of one column of op(B)
+        b_j = tid // (RT_BK // 4)
+        b_k = (tid % (RT_BK // 4)) * 4
+    else:  # b (K, N): 4 consecutive n of one k
+        b_k = tid // (RT_BN // 4)
+        b_j = (tid % (RT_BN // 4)) * 4
+
+    for i in range(RT_TM):
+        for j in range(RT_TN):
+            acc[i, j] = float32(0.0)
+
+    steps = (K + RT_BK - 1) // RT_BK  # ceil_div(K, RT_BK)
+    for t in range(steps + 1):
+        # 1. global -> registers: tile t (t == steps: nothing left to load)
+        if t < steps:
+            k0 = t * RT_BK
+            for q in range(4):
+                v = float32(0.0)  # zero-fill outside the matrix
+                if trans_a:
+                    if k0 + a_k < K and m0 + a_i + q < M:
+                        v = a[k0 + a_k, m0 + a_i + q]
+                else:
+                    if m0 + a_i < M and k0 + a_k + q < K:
+                        v = a[m0 + a_i, k0 + a_k + q]
+                a_next[q] = v
+                w = float32(0.0)
+                if trans_b:
+                    if n0 + b_j < N and k0 + b_k + q < K:
+                        w = b[n0 + b_j, k0 + b_k + q]
+                else:
+                    if k0 + b_k < K and n0 + b_j + q < N:
+                        w = b[k0 + b_k, n0 + b_j + q]
+                b_next[q] = w
+        # 2. compute on tile t - 1 (in buffer (t - 1) % 2) while the loads above are in flight
+        if t > 0:
+            a_base = uint32(((t - 1) % 2) * RT_BUF_A + trow * 4)
+            b_base = uint32(((t - 1) % 2) * RT_BUF_B + tcol * 4)
+            for kk in range(RT_BK):
+                # unsigned offsets: no negative-index fix-up, so the loads are base + constant
+                # (4 consecutive words each, 16-byte aligned: LDS.128 where the compiler merges them)
+                ao = a_base + uint32(kk * RT_LDA)
+                bo = b_base + uint32(kk * RT_LDB)
+                for q in range(4):
+                    a_frag[q] = sa[ao + uint32(q)]
+                    a_frag[4 + q] = sa[ao + uint32(RT_HALF_M + q)]
+                    b_frag[q] = sb[bo + uint32(q)]
+                    b_frag[4 + q] = sb[bo + uint32(RT_HALF_N + q)]
+                for i in range(RT_TM):
+                    for j in range(RT_TN):
+                        acc[i, j] += a_frag[i] * b_frag[j]
+        # 3. registers -> the other buffer. Safe with one barrier a step: that buffer was last read in
+        # step t - 1's compute, which every thread finished before step t - 1's barrier.
+        if t < steps:
+            a_st = uint32((t % 2) * RT_BUF_A)
+            b_st = uint32((t % 2) * RT_BUF_B)
+            for q in range(4):
+                if trans_a:
+                    sa[a_st + uint32(a_k * RT_LDA + a_i + q)] = a_next[q]
+                else:
+                    sa[a_st + uint32((a_k + q) * RT_LDA + a_i)] = a_next[q]
+                if trans_b:
+                    sb[b_st + uint32((b_k + q) * RT_LDB + b_j)] = b_next[q]
+                else:
+                    sb[b_st + uint32(b_k * RT_LDB + b_j + q)] = b_next[q]
+        cuda.syncthreads()
+
+    for i in range(RT_TM):
+        m = m0 + trow * 4 + (i % 4) + (i // 4) * RT_HALF_M
+        for j in range(RT_TN):
+            n = n0 + tcol * 4 + (j % 4) + (j // 4) * RT_HALF_N
+            if m < M and n < N:
+                v = alpha * acc[i, j]
+                if beta != float32(0.0):
+                    v += beta * c[m, n]
+                if has_bias:
+                    v += bias[n]
+                c[m, n] = v
+
+
+@kernel("void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64)", block=SK_THREADS,
+        launch_bounds=(SK_THREADS, 2))
+def gemm_split_k_partial_kernel(a, b, part, trans_a, trans_b, k_slice):
+    """split_k: register_tiled's double buffering on a 64 x 64 tile, K cut into slices (blockIdx.z), each block writing a partial tile."""
+    # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b
+    # part: (S, M, N) float32, part[z] = op(A)[:, Kz] @ op(B)[Kz, :] over slice Kz = [z*k_slice, (z+1)*k_slice)
+    sa = cuda.shared.array(SK_SMEM_A, float32)
+    sb = cuda.shared.array(SK_SMEM_B, float32)
+    acc = cuda.local.array((SK_TM, SK_TN), float32)
+    a_frag = cuda.local.array(SK_TM, float32)
+    b_frag = cuda.local.array(SK_TN, float32)
+    a_next = cuda.local.array(4, float32)
+    b_next = cuda.local.array(4, float32)
+    tid = cuda.threadIdx.x
+    trow = tid // SK_COL_THREADS
+    tcol = tid % SK_COL_THREADS
+    m0 = cuda.blockIdx.y * SK_BM
+    n0 = cuda.blockIdx.x * SK_BN
+    z = cuda.blockIdx.z
+    M = part.shape[1]
+    N = part.shape[2]
+    K = a.shape[0] if trans_a else a.shape[1]
+    k_begin = z * k_slice
+    k_end = min(K, k_begin + k_slice)
+
+    if trans_a:
+        a_k = tid // (SK_BM // 4)
+        a_i = (tid % (SK_BM // 4)) * 4
+    else:
+        a_i = tid // (SK_BK // 4)
+        a_k = (tid % (SK_BK // 4)) * 4
+    if trans_b:
+        b_j = tid // (SK_BK // 4)
+        b_k = (tid % (SK_BK // 4)) * 4
+    else:
+        b_k = tid // (SK_BN // 4)
+        b_j = (tid % (SK_BN // 4)) * 4
+
+    for i in range(SK_TM):
+        for j in range(SK_TN):
+            acc[i, j] = float32(0.0)
+
+    steps = max(0, (k_end - k_begin + SK_BK - 1) // SK_BK)  # the same for every thread of the block
+    for t in range(steps + 1):
+        if t < steps:
+            k0 = k_begin + t * SK_BK
+            for q in range(4):
+                v = float32(0.0)
+                if trans_a:
+                    if k0 + a_k < k_end and m0 + a_i + q < M:
+                        v = a[k0 + a_k, m0 + a_i + q]
+                else:
+                    if m0 + a_i < M and k0 + a_k + q < k_end:
+                        v = a[m0 + a_i, k0 + a_k + q]
+                a_next[q] = v
+                w = float32(0.0)
+                if trans_b:
+                    if n0 + b_j < N and k0 + b_k + q < k_end:
+                        w = b[n0 + b_j, k0 + b_k + q]
+                else:
+                    if k0 + b_k < k_end and n0 + b_j + q < N:
+                        w = b[k0 + b_k, n0 + b_j + q]
+                b_next[q] = w
+        if t > 0:
+            a_base = uint32(((t - 1) % 2) * SK_BUF_A + trow * 4)
+            b_base = uint32(((t - 1) % 2) * SK_BUF_B + tcol * 4)
+            for kk in range(SK_BK):
+                ao = a_base + uint32(kk * SK_LDA)
+                bo = b_base + uint32(kk * SK_LDB)
+                for q in range(4):
+                    a_frag[q] = sa[ao + uint32(q)]
+                    b_frag[q] = sb[bo + uint32(q)]
+                for i in range(SK_TM):
+                    for j in range(SK_TN):
+                        acc[i, j] += a_frag[i] * b_frag[j]
+        if t < steps:
+            a_st = uint32((t % 2) * SK_BUF_A)
+            b_st = uint32((t % 2) * SK_BUF_B)
+            for q in range(4):
+                if trans_a:
+                    sa[a_st + uint32(a_k * SK_LDA + a_i + q)] = a_next[q]
+                else:
+                    sa[a_st + uint32((a_k + q) * SK_LDA + a_i)] = a_next[q]
+                if trans_b:
+                    sb[b_st + uint32((b_k + q) * SK_LDB + b_j)] = b_next[q]
+                else:
+                    sb[b_st + uint32(b_k * SK_LDB + b_j + q)] = b_next[q]
+        cuda.syncthreads()
+
+    for i in range(SK_TM):
+        m = m0 + trow * 4 + i
+        for j in range(SK_TN):
+            n = n0 + tcol * 4 + j
+            if m < M and n < N:
+                part[z, m, n] = acc[i, j]
+
+
+@kernel("void(float32[:, :, ::1], float32[:, ::1], float32[::1], int64, float32, float32)", block=TPB_1D)
+def gemm_split_k_reduce_kernel(part, c, bias, has_bias, alpha, beta):
+    """split_k, second pass: c = alpha * Σ_z part[z] (z = 0, 1, ... in order: the same bits every run) + beta * c + bias."""
+    # part: (S, M, N) float32; c: (M, N); bias: (N,)
+    i = cuda.grid(1)
+    S = part.shape[0]
+    M = part.shape[1]
+    N = part.shape[2]
+    if i < M * N:
+        m = i // N
+        n = i - m * N
+        total = float32(0.0)
+        for z in range(S):
+            total += part[z, m, n]
+        v = alpha * total
+        if beta != float32(0.0):
+            v += beta * c[m, n]
+        if has_bias:
+            v += bias[n]
+        c[m, n] = v
+
+
+@kernel("void(float32[:, ::1], float32[::1], float32, float32)", block=(DB_COLS, DB_ROWS))
 def bias_grad_kernel(dy, db, alpha, beta):
     """db = alpha * (sum over the rows of dy) + beta * db: DB_ROWS strided partial sums per column, added in shared memory."""
     # dy: (N, F) float32; db: (F,) float32
@@ -348,9 +626,65 @@ def gemm_tiled(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=
     return _launch(gemm_tiled_kernel, TILE, TILE, (TILE, TILE), a, b, c, trans_a, trans_b, alpha, beta, bias)
 
 
+def gemm_blocktiled(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
+    """blocktiled: RT_BM x RT_BN of c per block of RT_THREADS, a register tile per thread."""
+    return _launch(gemm_blocktiled_kernel, RT_BM, RT_BN, RT_THREADS, a, b, c, trans_a, trans_b, alpha, beta, bias)
+
+
 def gemm_register_tiled(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None):
-    """register_tiled: RT_BM x RT_BN of c per block of RT_THREADS, a register tile per thread."""
+    """register_tiled: blocktiled's tiles, double-buffered, two blocks per SM."""
     return _launch(gemm_register_tiled_kernel, RT_BM, RT_BN, RT_THREADS, a, b, c, trans_a, trans_b, alpha, beta, bias)
+
+
+def split_k_slices(M, N, K):
+    """(number of K-slices S, K-elements per slice) split_k uses for an M x N x K product: enough
+    slices that tiles x S reaches about SK_TARGET_BLOCKS blocks, each slice at least SK_MIN_STEPS
+    K-steps of SK_BK (a multiple of SK_BK, so slices start on a step). Depends only on the shape."""
+    tiles = ceil_div(max(M, 1), SK_BM) * ceil_div(max(N, 1), SK_BN)
+    max_slices = max(1, ceil_div(K, SK_MIN_STEPS * SK_BK))
+    want = max(1, min(max_slices, SK_TARGET_BLOCKS // tiles))
+    k_slice = ceil_div(ceil_div(max(K, 1), want), SK_BK) * SK_BK
+    return ceil_div(max(K, 1), k_slice), k_slice
+
+
+def split_k_workspace_size(M, N, K):
+    """float32 elements of scratch split_k needs for an M x N x K product (S partial M x N tiles)."""
+    return split_k_slices(M, N, K)[0] * M * N
+
+
+_workspace = {"buf": None}  # split_k's own scratch when the caller passes none (grown, then reused)
+
+
+def gemm_split_k(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None, workspace=None):
+    """split_k: S = split_k_slices(M, N, K) blocks along K per 64 x 64 tile write partial tiles into
+    `workspace` (float32, >= split_k_workspace_size elements; None: a buffer kept here, allocated on
+    first use and when a larger one is needed), then one thread per element of c sums them in order."""
+    M, N, K = _check_gemm(a, b, c, trans_a, trans_b, bias)
+    if M == 0 or N == 0:
+        return c
+    S, k_slice = split_k_slices(M, N, K)
+    need = S * M * N
+    if workspace is None:
+        ws = _workspace["buf"]
+        if ws is None or ws.shape[0] < need:
+            ws = cuda.device_array(need, np.float32)
+            _workspace["buf"] = ws
+        workspace = ws
+    else:
+        check_device_array("workspace", workspace)
+        if len(workspace.shape) != 1 or workspace.shape[0] < need:
+            raise ValueError(f"workspace: expected a 1-D float32 array of at least {need} elements "
+                             f"({S} K-slices of {M}x{N}), got shape {tuple(workspace.shape)}")
+    part = workspace[:need].reshape(S, M, N)
+    bias_arg, has_bias, alpha, beta = _scalars(alpha, beta, bias, c)
+    blocks = (ceil_div(N, SK_BN), ceil_div(M, SK_BM), S)
+    if blocks[1] > MAX_GRID_Y:
+        raise ValueError(f"c: {M} rows need {blocks[1]} row blocks of {SK_BM}; a GPU allows at most "
+                         f"{MAX_GRID_Y} (split the product into row chunks)")
+    gemm_split_k_partial_kernel[blocks, SK_THREADS](a, b, part, int(bool(trans_a)), int(bool(trans_b)), k_slice)
+    grid, threads = grid_1d(M * N)
+    gemm_split_k_reduce_kernel[grid, threads](part, c, bias_arg, has_bias, alpha, beta)
+    return c
 
 
 def bias_grad(dy, db, alpha=1.0, beta=0.0):
@@ -366,46 +700,71 @@ def bias_grad(dy, db, alpha=1.0, beta=0.0):
     return db
 
 
-_LAUNCHERS = {"naive": gemm_naive, "tiled": gemm_tiled, "register_tiled": gemm_register_tiled}
+_LAUNCHERS = {"naive": gemm_naive, "tiled": gemm_tiled, "blocktiled": gemm_blocktiled,
+              "register_tiled": gemm_register_tiled, "split_k": gemm_split_k}
 
 
 # --- dispatcher --------------------------------------------------------------------------------------
 
 
-def _launcher(version):
-    version = DEFAULT_VERSION if version is None else version
-    if version not in _LAUNCHERS:
+def pick_version(M, N, K):
+    """The version ``version=None`` runs for an M x N x K product: ``split_k`` when register_tiled's
+    128 x 128 tiles would occupy fewer than SPLIT_K_BELOW_TILES blocks (the dense layers of LeNet-5 at
+    batch 128: one to four tiles on a 132-SM GPU), else ``register_tiled``."""
+    tiles = ceil_div(max(M, 1), RT_BM) * ceil_div(max(N, 1), RT_BN)
+    return "split_k" if tiles < SPLIT_K_BELOW_TILES else "register_tiled"
+
+
+def _run(version, a, b, c, trans_a, trans_b, alpha, beta, bias, workspace):
+    if version is not None and version not in _LAUNCHERS:
         raise ValueError(f"version: unknown GEMM version {version!r}; expected one of {', '.join(VERSIONS)}")
-    return _LAUNCHERS[version]
+    if version is None:
+        M, N, K = _check_gemm(a, b, c, trans_a, trans_b, bias)  # checked before the shapes are trusted
+        version = pick_version(M, N, K)
+    if version == "split_k":
+        return gemm_split_k(a, b, c, trans_a, trans_b, alpha, beta, bias, workspace=workspace)
+    return _LAUNCHERS[version](a, b, c, trans_a, trans_b, alpha, beta, bias)
 
 
-def gemm(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None, version=None):
-    """c = alpha * op(a) @ op(b) + beta * c (+ bias over rows), on device arrays, without allocating.
+def gemm(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None, version=None, workspace=None):
+    """c = alpha * op(a) @ op(b) + beta * c (+ bias over rows), on device arrays.
 
     op(x) is x.T when the trans flag is set (read in place, not copied). beta == 0 never reads c.
-    FLOPs: 2 * M * N * K.
+    ``version=None`` picks one by shape (:func:`pick_version`). Only split_k needs scratch: `workspace`
+    (see :func:`gemm_split_k`); without it split_k keeps its own. FLOPs: 2 * M * N * K.
     """
-    return _launcher(version)(a, b, c, trans_a, trans_b, alpha, beta, bias)
+    return _run(version, a, b, c, trans_a, trans_b, alpha, beta, bias, workspace)
 
 
-def linear_forward(x, w, b, y, version=None):
+def linear_forward(x, w, b, y, version=None, workspace=None):
     """y = x · wᵀ (+ b). x: (N, in), w: (out, in), b: (out,) or None, y: (N, out); device arrays."""
-    return _launcher(version)(x, w, y, False, True, 1.0, 0.0, b)
+    return _run(version, x, w, y, False, True, 1.0, 0.0, b, workspace)
 
 
-def linear_backward(dy, x, w, dx, dw, db, version=None):
-    """dx = dy · w, dw = dyᵀ · x, db = Σ_rows dy (each written, not accumulated); dx/db None to skip."""
-    launch = _launcher(version)
+def linear_backward(dy, x, w, dx, dw, db, version=None, workspace=None):
+    """dx = dy · w, dw = dyᵀ · x, db = Σ_rows dy (each written, not accumulated); dx/db None to skip.
+    The products run one after the other on the same stream, so one workspace serves both."""
     if dx is not None:
-        launch(dy, w, dx, False, False, 1.0, 0.0, None)
-    launch(dy, x, dw, True, False, 1.0, 0.0, None)
+        _run(version, dy, w, dx, False, False, 1.0, 0.0, None, workspace)
+    _run(version, dy, x, dw, True, False, 1.0, 0.0, None, workspace)
     if db is not None:
         bias_grad(dy, db)
     return dx, dw, db
 
 
+def linear_workspace_size(n, fin, fout, version=None):
+    """float32 elements of scratch that covers the products of a (n, fin) -> (n, fout) linear layer
+    (forward, dx, dw) that run as split_k under `version` (None: as the dispatcher picks); 0 if none."""
+    sizes = [0]
+    for M, N, K in ((n, fout, fin), (n, fin, fout), (fout, fin, n)):
+        if (version or pick_version(M, N, K)) == "split_k":
+            sizes.append(split_k_workspace_size(M, N, K))
+    return max(sizes)
+
+
 __all__ = [
-    "VERSIONS", "DEFAULT_VERSION", "gemm", "linear_forward", "linear_backward", "bias_grad",
-    "gemm_naive", "gemm_tiled", "gemm_register_tiled", "gemm_reference",
+    "VERSIONS", "gemm", "linear_forward", "linear_backward", "bias_grad", "pick_version",
+    "split_k_slices", "split_k_workspace_size", "linear_workspace_size",
+    "gemm_naive", "gemm_tiled", "gemm_blocktiled", "gemm_register_tiled", "gemm_split_k", "gemm_reference",
     "linear_forward_reference", "linear_backward_reference",
 ]

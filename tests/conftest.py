@@ -18,6 +18,32 @@ if KERNEL_BACKEND not in ("sim", "cuda"):
     KERNEL_BACKEND = "sim"
 BACKENDS = ["cpu", KERNEL_BACKEND]
 
+# The kernel test files: CI runs them under gpu_cnn.simcheck (GPU_CNN_SIMCHECK=1 python -m pytest -m simcheck),
+# so every kernel is checked for races, divergent barriers, uninitialized reads and bad indices. A new kernel
+# test file joins with one line here.
+SIMCHECK_FILES = {
+    "test_conv2d.py",
+    "test_conv2d_igemm.py",
+    "test_pool.py",
+    "test_gemm.py",
+    "test_activation.py",
+    "test_softmax.py",
+    "test_optim.py",
+    "test_metrics.py",
+}
+if os.environ.get("GPU_CNN_SIMCHECK", "").strip() == "1":
+    import gpu_cnn.simcheck  # noqa: E402,F401  (hooks every simulator launch; refuses on a real GPU)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "simcheck: a kernel test file, run under GPU_CNN_SIMCHECK=1 in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SIMCHECK_FILES:
+            item.add_marker(pytest.mark.simcheck)
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):

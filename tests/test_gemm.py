@@ -11,7 +11,12 @@ import pytest
 from gpu_cnn.ops import _base
 from gpu_cnn.ops.dense import linear, linear_backward
 
-VERSIONS = ("naive", "tiled", "register_tiled")
+VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k")
+# The rungs that run the whole layout x shape matrix below; register_tiled and split_k (256 threads and
+# several K-steps a block: ~1-2 s a launch under the simulator) run every layout on one odd shape that
+# spans several K-steps (and, for split_k, several K-slices) instead.
+SMALL_VERSIONS = ("naive", "tiled", "blocktiled")
+FAST_VERSIONS = ("register_tiled", "split_k")
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
 # (M, N, K): odd sizes (K spans two TILEs); a single output row with K = 1; a single output column;
 # and a grid of several partial tiles (only two layouts: it costs 6 simulated blocks per launch).
@@ -49,7 +54,7 @@ def test_versions_are_the_ones_tested(kernel_backend):
 
 
 @pytest.mark.parametrize("trans_a,trans_b,shape", CASES)
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", SMALL_VERSIONS)
 def test_gemm_matches_float64_reference(kernel_backend, rng, version, trans_a, trans_b, shape):
     gemm = _gemm()
     m, n, k = shape
@@ -61,6 +66,69 @@ def test_gemm_matches_float64_reference(kernel_backend, rng, version, trans_a, t
     ref = gemm.gemm_reference(a, b, trans_a=trans_a, trans_b=trans_b)
     assert np.all(ref != 0)  # every output is a real sum, so an unwritten element would show
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, True)], ids=["NN", "TT"])
+@pytest.mark.parametrize("version", FAST_VERSIONS)
+def test_fast_gemm_matches_float64_reference(kernel_backend, rng, version, trans_a, trans_b):
+    """37 x 29 x 53: no multiple of any tile (128 x 128 x 8, 64 x 64 x 16), 7 (4) K-steps, so both
+    shared buffers are used in turn; split_k cuts K into 2 slices here (SK_TARGET_BLOCKS under the sim).
+    NN and TT between them take both load paths of each operand (trans_a and trans_b are independent);
+    NT and TN run in the linear tests below (forward x·wᵀ, dw = dyᵀ·x) and the multi-block test."""
+    gemm = _gemm()
+    m, n, k = 37, 29, 53
+    if version == "split_k":
+        assert gemm.split_k_slices(m, n, k)[0] == 2
+    a, b = _stored(rng, m, k, trans_a), _stored(rng, k, n, trans_b)
+    c = _base.to_device(np.full((m, n), np.nan, np.float32))
+    gemm.gemm(_base.to_device(a), _base.to_device(b), c, trans_a=trans_a, trans_b=trans_b, version=version)
+    ref = gemm.gemm_reference(a, b, trans_a=trans_a, trans_b=trans_b)
+    # K = 53 float32 terms of size ~1 (sums ~7): a few ulps of the largest partial sum
+    np.testing.assert_allclose(c.copy_to_host(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_split_k_is_bit_identical_run_to_run_at_several_split_counts(kernel_backend, rng, monkeypatch):
+    """The partial tiles are summed in a fixed order: two runs give the same bits, at 2 and 3 K-slices
+    (K = 40 = 2 full 16-steps + 8, so the last slice is short), each against the float64 reference."""
+    gemm = _gemm()
+    m, n, k = 5, 3, 40
+    a, b = _f32(rng, m, k), _f32(rng, n, k)
+    ref = gemm.gemm_reference(a, b, trans_b=True)
+    da, db = _base.to_device(a), _base.to_device(b)
+    for target, slices in ((2, 2), (3, 3)):
+        monkeypatch.setattr(gemm, "SK_TARGET_BLOCKS", target)
+        monkeypatch.setattr(gemm, "SK_MIN_STEPS", 1)
+        assert gemm.split_k_slices(m, n, k)[0] == slices
+        runs = []
+        for _ in range(2):
+            c = _base.to_device(np.full((m, n), np.nan, np.float32))
+            gemm.gemm(da, db, c, trans_b=True, version="split_k")
+            runs.append(c.copy_to_host())
+        assert runs[0].tobytes() == runs[1].tobytes(), slices
+        np.testing.assert_allclose(runs[0], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_split_k_workspace_is_checked_and_used(kernel_backend, rng):
+    gemm = _gemm()
+    a, b = _base.to_device(_f32(rng, 4, 40)), _base.to_device(_f32(rng, 40, 3))
+    c = _base.empty((4, 3))
+    need = gemm.split_k_workspace_size(4, 3, 40)
+    with pytest.raises(ValueError, match=f"workspace: expected a 1-D float32 array of at least {need}"):
+        gemm.gemm(a, b, c, version="split_k", workspace=_base.empty((need - 1,)))
+    ws = _base.empty((need,))
+    before = _base.allocation_stats()
+    gemm.gemm(a, b, c, version="split_k", workspace=ws)
+    assert _base.allocation_stats() == before
+    np.testing.assert_allclose(c.copy_to_host(), a.copy_to_host().astype(np.float64) @ b.copy_to_host(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dispatcher_picks_split_k_for_the_dense_layers_and_register_tiled_for_big_products(kernel_backend):
+    gemm = _gemm()
+    for m, n, k in ((128, 120, 400), (128, 84, 120), (128, 10, 84),  # LeNet-5's dense layers, batch 128
+                    (128, 400, 120), (120, 400, 128), (84, 120, 128)):  # their dx and dw
+        assert gemm.pick_version(m, n, k) == "split_k", (m, n, k)
+    assert gemm.pick_version(4096, 4096, 4096) == "register_tiled"
 
 
 @pytest.mark.parametrize("trans_a,trans_b,shape", [(True, False, (130, 3, 2)), (False, True, (3, 130, 2))],
@@ -112,7 +180,7 @@ def test_gemm_launcher_rejects_bad_arguments(kernel_backend, rng):
         gemm.gemm(a, _base.to_device(np.zeros((3, 2), np.float64)), c)
     with pytest.raises(ValueError, match="bias"):
         gemm.gemm(a, _base.to_device(_f32(rng, 3, 2)), c, bias=_base.to_device(_f32(rng, 3)))
-    with pytest.raises(ValueError, match="version.*naive, tiled, register_tiled"):
+    with pytest.raises(ValueError, match="version.*naive, tiled, blocktiled, register_tiled, split_k"):
         gemm.gemm(a, _base.to_device(_f32(rng, 3, 2)), c, version="cublas")
 
 
@@ -121,7 +189,8 @@ def test_gemm_refuses_more_row_blocks_than_a_gpu_grid_holds(kernel_backend, rng,
     """Rows of c run along grid.y (at most 65535 blocks on a GPU; the simulator has no such limit)."""
     gemm = _gemm()
     monkeypatch.setattr(gemm, "MAX_GRID_Y", 1)
-    rows = (gemm.RT_BM if version == "register_tiled" else gemm.TILE) + 1  # two row blocks
+    rows = {"blocktiled": gemm.RT_BM, "register_tiled": gemm.RT_BM, "split_k": gemm.SK_BM}.get(version, gemm.TILE) + 1
+    # (+ 1: two row blocks)
     a, b = _base.to_device(_f32(rng, rows, 3)), _base.to_device(_f32(rng, 3, 2))
     c = _base.to_device(np.full((rows, 2), np.nan, np.float32))
     with pytest.raises(ValueError, match=f"c: {rows} rows need 2 row blocks.*at most 1"):
@@ -134,7 +203,7 @@ def test_gemm_refuses_more_row_blocks_than_a_gpu_grid_holds(kernel_backend, rng,
 # --- the dense layer ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", VERSIONS + (None,))
 def test_linear_forward_and_backward_every_version(kernel_backend, rng, version):
     x, w, b, dy = _f32(rng, 5, 13), _f32(rng, 7, 13), _f32(rng, 7), _f32(rng, 5, 7)
     from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
@@ -149,7 +218,7 @@ def test_linear_forward_and_backward_every_version(kernel_backend, rng, version)
 
 
 @pytest.mark.parametrize("n,fin,fout", [(1, 9, 1), (6, 1, 3)])
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", SMALL_VERSIONS + (None,))  # None: split_k, by shape
 def test_linear_thin_shapes(kernel_backend, rng, version, n, fin, fout):
     """Batch 1, one input feature, one output feature: grids of a single partial tile."""
     from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
@@ -241,12 +310,25 @@ def test_linear_db_matches_finite_differences(backend, rng):
 
 
 def test_linear_with_out_makes_no_allocation(kernel_backend, rng):
+    """With out= and a workspace (the default version here is split_k, which needs scratch) nothing is
+    allocated; without the workspace the op's own scratch is allocated once, then reused."""
+    from gpu_cnn.kernels import gemm
+    from gpu_cnn.ops import dense
+
+    assert gemm.pick_version(5, 3, 6) == "split_k"
     x, w, b, dy = (_base.to_device(a) for a in (_f32(rng, 5, 6), _f32(rng, 3, 6), _f32(rng, 3), _f32(rng, 5, 3)))
     y, dx, dw, db = (_base.empty(s) for s in ((5, 3), (5, 6), (3, 6), (3,)))
+    ws = _base.empty((gemm.linear_workspace_size(5, 6, 3),))
     before = _base.allocation_stats()
-    got = linear(x, w, b, out=y)
-    grads = linear_backward(dy, x, w, out=(dx, dw, db))
-    none_dx = linear_backward(dy, x, w, out=(None, dw, None), bias=False, need_dx=False)
+    got = linear(x, w, b, out=y, workspace=ws)
+    grads = linear_backward(dy, x, w, out=(dx, dw, db), workspace=ws)
+    none_dx = linear_backward(dy, x, w, out=(None, dw, None), bias=False, need_dx=False, workspace=ws)
+    assert _base.allocation_stats() == before
+    dense._scratch["buf"] = None
+    linear(x, w, b, out=y)  # allocates the op's scratch
+    before = _base.allocation_stats()
+    linear(x, w, b, out=y)
+    linear_backward(dy, x, w, out=(dx, dw, db))
     assert _base.allocation_stats() == before
     assert got is y and all(g is o for g, o in zip(grads, (dx, dw, db)))  # device in, device out
     assert none_dx[0] is None and none_dx[1] is dw and none_dx[2] is None
@@ -267,10 +349,30 @@ def test_linear_with_out_on_cpu_writes_in_place(cpu_backend, rng):
 # --- bad input ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lead", [(), (2, 3), (1, 2, 1)], ids=["1-D", "2x3", "1x2x1"])
+def test_linear_any_leading_dims(backend, rng, lead):
+    """x (..., in): the product runs on every leading position; dw and db sum over all of them
+    (as PyTorch's F.linear and its autograd do)."""
+    fin, fout = 5, 3
+    x, w, b = _f32(rng, *lead, fin), _f32(rng, fout, fin), _f32(rng, fout)
+    dy = _f32(rng, *lead, fout)
+    y = linear(x, w, b)
+    assert y.shape == lead + (fout,)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    np.testing.assert_allclose(y, x64 @ w.T.astype(np.float64) + b, rtol=RTOL, atol=ATOL)
+    dx, dw, db = linear_backward(dy, x, w)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
+    np.testing.assert_allclose(dx, dy64 @ w.astype(np.float64), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(dw, dy64.reshape(-1, fout).T @ x64.reshape(-1, fin), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(db, dy64.reshape(-1, fout).sum(axis=0), rtol=RTOL, atol=ATOL)
+
+
 def test_linear_rejects_bad_input(backend, rng):
     x, w = _f32(rng, 4, 6), _f32(rng, 3, 6)
-    with pytest.raises(ValueError, match="x: expected a 2-D"):
-        linear(x[0], w)
+    with pytest.raises(ValueError, match=r"x: expected an array of shape \(\.\.\., in_features\), got a 0-D"):
+        linear(np.float32(1.0), w)
+    with pytest.raises(ValueError, match=r"w: expected in_features = 5 \(x is \(5,\)\)"):
+        linear(x[0, :5], w)  # 1-D x is fine (no leading dims); its length must match w
     with pytest.raises(ValueError, match="w: expected a 2-D"):
         linear(x, w[0])
     with pytest.raises(ValueError, match="w: expected in_features = 6"):
@@ -287,8 +389,10 @@ def test_linear_rejects_bad_input(backend, rng):
 
 def test_linear_backward_rejects_bad_input(backend, rng):
     x, w, dy = _f32(rng, 4, 6), _f32(rng, 3, 6), _f32(rng, 4, 3)
-    with pytest.raises(ValueError, match="dy: expected a 2-D"):
-        linear_backward(dy[0], x, w)
+    with pytest.raises(ValueError, match=r"x: expected shape \(3, 6\)"):
+        linear_backward(_f32(rng, 3, 3), x, w)  # leading dims of dy and x differ
+    with pytest.raises(ValueError, match="dy: expected an array of shape"):
+        linear_backward(np.float32(0.0), x, w)
     with pytest.raises(ValueError, match="w: expected out_features = 3"):
         linear_backward(dy, x, _f32(rng, 2, 6))
     with pytest.raises(ValueError, match="x: expected shape"):

@@ -750,8 +750,11 @@ def _torch_set(T, dev, inp, case):
 # the run
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0],
+PROG = "python -m benchmarks.kernels"
+
+
+def parse_args(argv, prog=PROG, out_default="benchmarks/results/<device>-<date>/"):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=("cuda", "cpu", "sim"), default=None,
                     help="default: $GPU_CNN_BACKEND, else cuda when a GPU is present, else cpu")
@@ -760,7 +763,7 @@ def parse_args(argv):
                     help="full (default), quick (= --quick), tiny (odd shapes for tests and the simulator) or sanitize "
                          "(odd shapes past every tile size, for compute-sanitizer)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 50 on cuda, 20 on cpu)")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
+    ap.add_argument("--out", default=None, help=f"output folder (default {out_default})")
     ap.add_argument("--only", default=None, help="comma-separated op families or op names")
     ap.add_argument("--check", action="store_true", help="correctness only: no timing, no files (tiny shapes under sim)")
     ap.add_argument("--no-vendor", action="store_true", help="skip PyTorch/CuPy (cuDNN, cuBLAS) comparisons")
@@ -774,10 +777,14 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args, argv, backend = C.start("benchmarks.kernels", parse_args, argv)
+def main(argv=None, prog=PROG, results_root=None):
+    """The benchmark; `prog` names it in --help, `results_root` replaces benchmarks/results/ as the root
+    of the default output folder (``gpu-cnn bench`` writes under runs/bench/, not into the checkout)."""
+    out_default = f"{results_root or 'benchmarks/results'}/<device>-<date>/"
+    args, argv, backend = C.start(prog, lambda a: parse_args(a, prog, out_default), argv)
     if backend is None:
         return 2
+    args.results_root = results_root
     if backend == "sim" and "--sweep" not in " ".join(argv):
         args.sweep = "tiny"  # the simulator runs Python threads: only tiny shapes are practical
     if args.repeats is None:
@@ -880,6 +887,8 @@ def _derive(r, ceil):
 def run_bench(backend, cases, args, argv):
     info = C.device_info(backend)
     out_dir = Path(args.out) if args.out else C.default_out_dir(info)
+    if not args.out and getattr(args, "results_root", None):
+        out_dir = Path(args.results_root) / out_dir.name
     record = C.base_record("kernels", backend, info, args, argv)
     be = Backend(backend)
     timer = C.CudaTimer() if backend == "cuda" else C.CpuTimer()
@@ -899,8 +908,10 @@ def run_bench(backend, cases, args, argv):
     print(f"benchmarks.kernels: backend {backend}, device {info.get('name')}, sweep {args.sweep}, "
           f"repeats {args.repeats}, timer {timer.kind}, vendor {'torch ' + T.__version__ if T is not None else 'none'}")
 
+    print(f"{len(cases)} cases; results go to {out_dir}", flush=True)
     ceil = {}
     if not args.no_ceilings:
+        print("measuring the roofline ceilings and the launch overhead ...", flush=True)
         try:
             ceil = (C.gpu_ceilings(timer, T, cupy, quick=args.sweep != "full") if backend == "cuda"
                     else C.cpu_ceilings(quick=args.sweep != "full"))
@@ -930,6 +941,7 @@ def run_bench(backend, cases, args, argv):
         for i, case in enumerate(cases):
             rows += bench_case(case, ctx)
             record["cases_done"] = f"{i + 1} of {len(cases)}"
+            print(f"  [{i + 1}/{len(cases)} cases done]", file=sys.stderr, flush=True)
             C.write_json(Path(out_dir) / "kernels.json", record)  # partial results survive a timeout
     except KeyboardInterrupt:
         record["interrupted"] = f"stopped after {record.get('cases_done', '0 of ' + str(len(cases)))} cases"

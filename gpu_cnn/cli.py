@@ -9,13 +9,22 @@ import time
 import numpy as np
 
 DEFAULTS = {  # the embedded default run: sklearn's digits, no download, no GPU needed
-    "dataset": "digits", "model": None, "epochs": 15, "batch_size": 32, "lr": 0.003,
-    "optimizer": "adam", "seed": 0,
+    "dataset": "digits", "model": None, "epochs": 15, "batch_size": 32, "lr": None,
+    "optimizer": "adam", "seed": 0, "val_split": 0.1,
 }
+
+# The learning rate each optimizer gets when --lr is not given (they need different scales).
+DEFAULT_LR = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003}
+
+MODEL_FITS = ("digits_cnn fits 8×8 (digits) and 10×10 (synthetic) images; lenet5 fits 28×28 (mnist, fashion-mnist) "
+              "and adapts to small images (digits); resnet8 and mobilenet_tiny take any size")
 
 
 # The input each built-in model was designed for (channels, height, width).
 MODEL_INPUT = {"lenet5": (1, 28, 28), "digits_cnn": (1, 8, 8)}
+
+
+from .data import DATASETS  # noqa: E402  (pure NumPy: no Numba, no backend chosen)
 
 
 class CLIError(ValueError):
@@ -52,6 +61,36 @@ def positive_float(text):
     if not (np.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's default in its help: "(default: X)" unless the help already says it; flags say off."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text
+        if action.default is False:
+            return text + " (default: off)"
+        return text + " (default: %(default)s)"
+
+
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _model_names():
+    from .models import MODELS
+
+    return tuple(MODELS)
 
 
 def _shape_text(shape):
@@ -188,67 +227,174 @@ def _load_data(args):
     return data.load_dataset(args.dataset, **kw)
 
 
+SIM_PRESET = {"train_images": 8, "val_images": 4, "test_images": 4, "batch_size": 4, "epochs": 1}
+SIM_PRESET_SECONDS = 60  # the most the preset takes on 2 busy CPU cores; README and --help say so
+
+
+def _sim_model(input_shape, num_classes, seed):
+    from . import nn
+    from .models import OUTPUT_INIT_SCALE
+
+    if seed is not None:
+        nn.manual_seed(seed)
+    c, h, w = input_shape
+    model = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * (h // 2) * (w // 2), num_classes))
+    out = model.layers[-1].weight
+    out.assign(out.numpy() * OUTPUT_INIT_SCALE)
+    return model
+
+
+RUN_FILES = ("model.npz", "metrics.json", "curves.png", "confusion.png")
+
+
+def _next_run_dir(root="runs", prefix="train-"):
+    """runs/train-001, runs/train-002, ...: the first number above every existing one (never an earlier run)."""
+    taken = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                taken.append(int(name[len(prefix):]))
+    return os.path.join(root, f"{prefix}{max(taken, default=0) + 1:03d}")
+
+
+def _point_latest(out, root="runs"):
+    """runs/latest -> the newest run (a symlink; an existing real folder of that name is left alone)."""
+    link = os.path.join(root, "latest")
+    if os.path.abspath(os.path.dirname(os.path.abspath(out))) != os.path.abspath(root):
+        return None
+    try:
+        if os.path.islink(link):
+            os.unlink(link)
+        elif os.path.exists(link):
+            return None
+        os.symlink(os.path.basename(os.path.normpath(out)), link)
+        return link
+    except OSError:
+        return None
+
+
+def _check_run_folder(out, overwrite):
+    """An --out that already holds a run is refused unless --overwrite."""
+    if os.path.isdir(out) and not overwrite:
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if held:
+            raise CLIError(f"--out: {out!r} already holds a run ({', '.join(held)}); pass --overwrite to replace "
+                           f"it, or choose another --out (without --out each run gets a new runs/train-NNN)")
+
+
 def cmd_train(args):
-    from . import models
+    from . import models, viz
     from .checkpoint import save
     from .trainer import Trainer, TrainingError
 
-    _check_out(args.out)  # before the data are loaded: a refused run writes nothing
+    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    default_out = args.out is None
+    out = _next_run_dir() if default_out else args.out
+    _check_out(out)  # before the data are loaded: a refused run writes nothing
+    _check_run_folder(out, args.overwrite)
     if args.nproc > 1 or _distributed_launch():  # data-parallel: launch the ranks, or join as one
         from . import distributed
 
         if distributed.launched_size() == 1:
+            if default_out:  # every rank writes (rank 0) into the same, new folder
+                args.argv = list(args.argv) + ["--out", out]
             return _launch_ranks(args)
     backend = _apply_backend(args)
     root = _join_ranks()  # before any device memory: each rank picks its GPU
+    if not root:
+        say = lambda *a, **k: None  # noqa: E731  (only rank 0 prints and writes)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     train, test = _load_data(args)
     input_shape = tuple(int(s) for s in train.images.shape[1:])
-    model_name = args.model or ("digits_cnn" if train.images.shape[-1] <= 10 else "lenet5")
-    model = models.get_model(model_name, num_classes=train.num_classes, seed=args.seed, input_shape=input_shape)
+    preset = backend == "sim" and not args.yes
+    if preset:
+        p = SIM_PRESET
+        model_name, epochs, batch_size = "sim_tiny", p["epochs"], p["batch_size"]
+        model = _sim_model(input_shape, train.num_classes, args.seed)
+        train, test = train[:p["train_images"] + p["val_images"]], test[:p["test_images"]]
+        val_split = p["val_images"] / len(train)
+        say(f"backend sim: the CUDA simulator runs one Python thread per GPU thread, so this is a tiny preset "
+            f"(~{SIM_PRESET_SECONDS} s or less): a 4-filter CNN, {p['train_images']} training images in batches of "
+            f"{batch_size}, {p['val_images']} validation and {p['test_images']} test images, {epochs} epoch. Pass "
+            f"--yes to run the full settings on the simulator anyway (hours).")
+    else:
+        model_name, epochs, batch_size, val_split = args.model or _default_model(input_shape), args.epochs, \
+            args.batch_size, args.val_split
+        model = models.get_model(model_name, num_classes=train.num_classes, seed=args.seed,
+                                 input_shape=input_shape)
     try:
         model.output_shape(input_shape)  # clear error now if the model does not fit the data
     except ValueError as exc:
         option = f"--model {model_name}" if args.model else f"--dataset {args.dataset}"
-        raise CLIError(f"{option}: {model_name} needs {_shape_text(MODEL_INPUT[model_name])} input, but the "
-                       f"{args.dataset} images are {_shape_text(input_shape)} ({exc})") from exc
-    ckpt = os.path.join(args.out, "model.npz")
+        need = MODEL_INPUT.get(model_name)
+        raise CLIError(f"{option}: {model_name} " + (f"needs {_shape_text(need)} input" if need else
+                       "does not take this input") + f", but the {args.dataset} images are "
+                       f"{_shape_text(input_shape)} ({exc}); {MODEL_FITS}") from exc
+    if val_split > 0:
+        fit_part, val_part = train.split(val_split, seed=args.seed)
+    else:
+        fit_part, val_part = train, None
+    ckpt = os.path.join(out, "model.npz")
     meta = {"dataset": args.dataset, "model": model_name, "input_shape": list(input_shape),
             "num_classes": int(train.num_classes), "normalization": _norm(train)}
-    trainer = Trainer(model, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    trainer = Trainer(model, optimizer=args.optimizer, lr=lr, batch_size=batch_size, seed=args.seed,
                       progress=False if args.quiet else None, checkpoint_path=ckpt, metadata=meta)
     if root:
-        os.makedirs(args.out, exist_ok=True)  # only now: a refused run leaves no folder behind
-    say = print if root else (lambda *a, **k: None)  # only rank 0 prints and writes
-    say(f"training {model_name} on {args.dataset} ({len(train.labels)} train / {len(test.labels)} test images) "
-          f"with {args.optimizer}, lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, backend {backend}")
+        os.makedirs(out, exist_ok=True)  # only now: a refused run leaves no folder behind
+    val_text = f"{len(val_part)} validation" if val_part is not None else "no validation"
+    say(f"training {model_name} on {args.dataset} ({len(fit_part)} train / {val_text} / {len(test)} test images) "
+        f"with {args.optimizer}, lr={lr:g}, batch {batch_size}, {epochs} epoch{'s' if epochs != 1 else ''}, backend {backend}")
     t0 = time.perf_counter()
     try:
-        for epoch in range(args.epochs):
-            row = trainer.fit(train, epochs=1)[-1]
-            if not args.quiet:
-                say(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                      f"({row['seconds']:.1f} s)", flush=True)
+        for epoch in range(epochs):
+            row = trainer.fit(fit_part, epochs=1, val_data=val_part)[-1]
+            line = (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}")
+            if "val_loss" in row:
+                line += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+            say(line + f"  ({row['seconds']:.1f} s)")
     except TrainingError as exc:
-        say(f"gpu-cnn train: error: {exc}", file=sys.stderr)
+        if root:
+            print(f"gpu-cnn train: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
-    m = trainer.evaluate(test)
-    ranks = trainer.dp.size if trainer.dp else 1
+    m, pred = _evaluate_and_predict(trainer, test)
+    ranks = trainer.dp.size if getattr(trainer, "dp", None) else 1
     if not root:
         return 0
     metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"], "train_seconds": seconds,
-               "epochs": args.epochs, "backend": backend, "dataset": args.dataset, "model": model_name,
-               "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-               "images_per_second": len(train.labels) * args.epochs / seconds, "ranks": ranks,
+               "epochs": epochs, "backend": backend, "dataset": args.dataset, "model": model_name,
+               "optimizer": args.optimizer, "lr": lr, "batch_size": batch_size, "seed": args.seed,
+               "val_split": val_split, "train_images": len(fit_part),
+               "val_images": 0 if val_part is None else len(val_part), "sim_preset": preset,
+               "images_per_second": len(fit_part) * epochs / seconds, "ranks": ranks,
                "history": trainer.history}
     save(model, ckpt, metadata=dict(meta, metrics={k: v for k, v in metrics.items() if k != "history"}))
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"test accuracy {m['accuracy']:.4f} ({m['n']} images), loss {m['loss']:.4f}; "
-          f"trained in {seconds:.1f} s ({metrics['images_per_second']:.0f} images/s"
-          f"{f' over {ranks} ranks' if ranks > 1 else ''})")
-    print(f"wrote {ckpt} and {os.path.join(args.out, 'metrics.json')}")
+    title = f"{model_name} on {args.dataset}"
+    viz.training_curves(trainer.history, title=f"{title}: training curves", save=os.path.join(out, "curves.png"))
+    viz.confusion_matrix(test.labels, pred, class_names=test.classes, title=f"{title}, test split",
+                         save=os.path.join(out, "confusion.png"))
+    latest = _point_latest(out) if default_out else None
+    say(f"test accuracy {m['accuracy']:.4f} ({m['n']} images), loss {m['loss']:.4f}; trained in {seconds:.1f} s "
+        f"({metrics['images_per_second']:.0f} images/s{f' over {ranks} ranks' if ranks > 1 else ''})")
+    say(f"wrote {out}/: model.npz, metrics.json, curves.png, confusion.png" +
+        (f" ({latest} points to it)" if latest else ""))
     return 0
+
+
+def _evaluate_and_predict(trainer, ds):
+    """Trainer.evaluate's {"loss", "accuracy", "n"} and the predicted classes, from one forward pass."""
+    probs = trainer.predict(ds.images)
+    picked = np.clip(probs[np.arange(len(ds.labels)), ds.labels], np.finfo(np.float32).tiny, None)
+    pred = probs.argmax(axis=1)
+    return ({"loss": float(-np.log(picked.astype(np.float64)).mean()), "accuracy": float((pred == ds.labels).mean()),
+             "n": int(len(ds.labels))}, pred)
+
+
+def _default_model(input_shape):
+    return "digits_cnn" if input_shape[-1] <= 10 else "lenet5"
 
 
 def _distributed_launch():
@@ -335,8 +481,28 @@ def cmd_evaluate(args):
     if out[-1] < test.num_classes:
         raise CLIError(f"--dataset {args.dataset}: it has {test.num_classes} classes, but the checkpoint's model "
                        f"outputs {out[-1]}")
-    m = Trainer(model, batch_size=args.batch_size, progress=False).evaluate(test)
-    print(json.dumps({"test_accuracy": m["accuracy"], "test_loss": m["loss"], "n": m["n"], "dataset": args.dataset}, indent=2))
+    trainer = Trainer(model, batch_size=args.batch_size, progress=False)
+    m = trainer.evaluate(test)
+    pred = trainer.predict(test.images).argmax(axis=1)
+    per_class = []
+    for k in range(test.num_classes):
+        mine = test.labels == k
+        n, right = int(mine.sum()), int((pred[mine] == k).sum())
+        name = str(test.classes[k]) if getattr(test, "classes", None) is not None and k < len(test.classes) else str(k)
+        per_class.append({"class": k, "name": name, "images": n, "correct": right,
+                          "accuracy": right / n if n else None,
+                          "predicted_as_this": int((pred == k).sum())})
+    if args.json:
+        print(json.dumps({"test_accuracy": m["accuracy"], "test_loss": m["loss"], "n": m["n"], "dataset": args.dataset,
+                          "checkpoint": args.checkpoint, "per_class": per_class}, indent=2))
+        return 0
+    print(f"{args.checkpoint} on the {args.dataset} test split: accuracy {m['accuracy']:.4f} "
+          f"({sum(r['correct'] for r in per_class)} of {m['n']} images), loss {m['loss']:.4f}")
+    width = max(5, max(len(r["name"]) for r in per_class))
+    print(f"{'class':>{width}}  images  correct  accuracy  predicted as it")
+    for r in per_class:
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+        print(f"{r['name']:>{width}}  {r['images']:6d}  {r['correct']:7d}  {acc:>8}  {r['predicted_as_this']:15d}")
     return 0
 
 
@@ -362,12 +528,22 @@ def cmd_predict(args):
                            f"image ({exc}); give an image of the size the model was trained on") from exc
         print(f"note: {args.checkpoint} does not record its input shape or normalisation; the image is used at its "
               f"own size ({_shape_text(shape)})" + ("" if args.raw else ", scaled to [0, 1]"), file=sys.stderr)
-    x = _fit_image(img, args.image, shape, meta.get("normalization", {}), raw=args.raw)
+    notes = list(getattr(img, "notes", ()))
+    x = _fit_image(img, args.image, shape, meta.get("normalization", {}), raw=args.raw, invert=args.invert,
+                   notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     probs = Trainer(model, batch_size=1, progress=False).predict(x[None])[0]
     cls = int(probs.argmax())
     print(f"class {cls}  (p = {probs[cls]:.4f})")
     for i, p in enumerate(probs):
         print(f"  {i}: {p:.4f}")
+    if args.show:
+        from . import viz
+
+        viz.prediction(x, probs, title=f"{os.path.basename(args.image)}: class {cls} (p = {probs[cls]:.2f})",
+                       notes=notes, save=args.show)
+        print(f"wrote {args.show}")
     return 0
 
 
@@ -399,16 +575,55 @@ def _read_image(path):
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            return _grey(im)
     except UnidentifiedImageError:
         raise CLIError(f"{path}: not a readable image (PNG or .npy)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CLIError(f"{path}: not a readable image (PNG or .npy): {exc}") from exc
 
 
-def _fit_image(img, path, shape, norm, raw=False):
+class _Image(np.ndarray):
+    """A float32 image array that carries the notes made while reading it (``.notes``)."""
+
+
+def _grey(im):
+    """A PIL image -> (H, W) float32 in [0, 1]. A transparent image (an alpha channel that is not all
+    opaque) is composited on a background that contrasts with its ink, so the digit survives: dark ink on
+    white, light ink on black (the grey conversion alone would drop the alpha and lose a black digit on a
+    transparent background)."""
+    notes = []
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3]
+        if alpha.min() < 1.0:
+            grey = np.asarray(im.convert("RGBA").convert("L"), dtype=np.float32) / 255.0
+            ink = alpha > 0.5
+            dark_ink = bool(ink.any()) and float(np.median(grey[ink])) < 0.5
+            background = 1.0 if dark_ink else 0.0
+            notes.append(f"the image is transparent ({im.mode}): composited on "
+                         f"{'white' if dark_ink else 'black'}, which contrasts with its {'dark' if dark_ink else 'light'} ink")
+            out = (grey * alpha + background * (1.0 - alpha)).astype(np.float32)
+            out = out.view(_Image)
+            out.notes = notes
+            return out
+    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def _is_dark_on_light(img):
+    """True when the image's border (its outer ring of pixels), in [0, 1], is mostly light: a dark digit on
+    a light background, the opposite of the training data (light strokes on a dark background)."""
+    if img.ndim != 2 or min(img.shape) < 3:
+        return False
+    ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    return float(np.median(ring)) > 0.5
+
+
+def _fit_image(img, path, shape, norm, raw=False, invert=None, notes=None):
     """An image from :func:`_read_image` -> (C, H, W) float32 for the model: with `raw`, exactly as given
-    (it must already have the model's size); else scaled to [0, 1], resized and normalised like training."""
+    (it must already have the model's size); else scaled to [0, 1], inverted when it is dark on light
+    (`invert` None: detected from its border; True/False: forced), resized and normalised like training.
+    What was done is appended to `notes` (a list) when given."""
+    notes = [] if notes is None else notes
     c, h, w = shape
     if raw:
         sizes = [(c, h, w)] + ([(h, w)] if c == 1 else [])
@@ -424,6 +639,17 @@ def _fit_image(img, path, shape, norm, raw=False):
         raise CLIError(f"{path}: the model takes {c}-channel input; give a .npy of shape {(c, h, w)} with --raw")
     if path.lower().endswith(".npy") and img.max() > 1.0:
         img = img / (255.0 if img.max() > 16 else 16.0)
+    img = np.asarray(img, np.float32)
+    dark_on_light = _is_dark_on_light(img)
+    if invert is None and dark_on_light:
+        notes.append("the image is dark on a light background (the model was trained on light strokes on dark): "
+                     "inverted it (--no-invert to keep it as it is)")
+        img = 1.0 - img
+    elif invert:
+        notes.append("inverted the image (--invert)")
+        img = 1.0 - img
+    elif invert is False and dark_on_light:
+        notes.append("the image looks dark on light, but --no-invert keeps it as it is")
     if img.shape != (h, w):
         from PIL import Image
 
@@ -443,58 +669,84 @@ def cmd_bench(args):
     argv += getattr(args, "rest", [])
     from benchmarks import kernels as kb
 
-    return kb.main(argv)
+    return kb.main(argv, prog="gpu-cnn bench", results_root=os.path.join("runs", "bench"))
 
 
 # --------------------------------------------------------------------------------------------------
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="gpu-cnn", description="Hand-written Numba CUDA kernels for CNNs: train, evaluate, benchmark.")
+    import gpu_cnn
+
+    fmt = _DefaultsFormatter
+    ap = argparse.ArgumentParser(prog="gpu-cnn", description="Hand-written Numba CUDA kernels for CNNs: train, "
+                                 "evaluate, predict, benchmark. Start with: gpu-cnn train")
+    ap.add_argument("--version", action="version", version=f"gpu-cnn {gpu_cnn.__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a CNN and write DIR/model.npz and DIR/metrics.json")
-    p.add_argument("--dataset", default=DEFAULTS["dataset"], help="digits (default, bundled), mnist, fashion-mnist, synthetic")
-    p.add_argument("--data-dir", help="folder with the IDX files (mnist, fashion-mnist); nothing is downloaded")
-    from .models import MODELS
-
-    p.add_argument("--model", choices=tuple(MODELS), help="default: digits_cnn for 8×8 data, lenet5 for 28×28")
-    p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"])
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=DEFAULTS["optimizer"])
-    p.add_argument("--seed", type=non_negative_int, default=DEFAULTS["seed"])
-    p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p = sub.add_parser("train", help="train a CNN; writes model.npz, metrics.json, curves.png, confusion.png",
+                       formatter_class=fmt, epilog=f"Models: {MODEL_FITS}. Backend sim runs a tiny preset "
+                       f"(~{SIM_PRESET_SECONDS} s or less: a 4-filter CNN, {SIM_PRESET['train_images']} training images) "
+                       f"unless --yes.")
+    p.add_argument("--dataset", default=DEFAULTS["dataset"], choices=DATASETS,
+                   help="digits is bundled (8×8); mnist and fashion-mnist read IDX files from --data-dir (28×28); "
+                        "synthetic is drawn (10×10)")
+    p.add_argument("--data-dir", help="folder with the IDX files (mnist, fashion-mnist); nothing is downloaded (default: none)")
+    p.add_argument("--model", choices=_model_names(),
+                   help=f"default: digits_cnn for images up to 10×10, else lenet5 ({MODEL_FITS})")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"], help="passes over the training data")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"], help="images per step")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                   help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=DEFAULTS["optimizer"],
+                   help="sgd has momentum 0.9")
+    p.add_argument("--val-split", type=fraction, default=DEFAULTS["val_split"],
+                   help="fraction of the training data held out for validation (0: none); the test split is "
+                        "never used for it")
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULTS["seed"],
+                   help="initialisation, shuffling and the validation split")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a new runs/train-NNN, with runs/latest pointing to it)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to replace an earlier run in that folder")
+    p.add_argument("--yes", action="store_true",
+                   help="on backend sim: run the full settings instead of the tiny preset (hours)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel over N local ranks via mpiexec (the batch size is global); "
                         "clusters: mpiexec -n N gpu-cnn train ...")
     _backend_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy of a saved model on a dataset's test split")
+    p = sub.add_parser("evaluate", help="accuracy of a saved model on a dataset's test split, per class",
+                       formatter_class=fmt)
     p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train")
     p.add_argument("--dataset", help="default: the dataset the model was trained on")
-    p.add_argument("--data-dir")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--data-dir", help="folder with the IDX files (mnist, fashion-mnist) (default: none)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
     _backend_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify one image (PNG or .npy)")
+    p = sub.add_parser("predict", help="classify one image (PNG or .npy)", formatter_class=fmt)
     p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train")
-    p.add_argument("image", help="PNG (any size, converted to grey and resized) or .npy (2-D array)")
+    p.add_argument("image", help="PNG (any size, converted to grey and resized; transparent ones composited) "
+                                 "or .npy (2-D array)")
     p.add_argument("--raw", action="store_true", help=".npy is already normalised like the training data")
+    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                   help="invert the image (dark digit on light); default: detected from the image's border")
+    p.add_argument("--show", metavar="FILE", help="write a PNG of the input as the model sees it, beside the "
+                                                  "probabilities (default: none)")
     _backend_arg(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="kernel benchmarks (python -m benchmarks.kernels)", add_help=False,
-                       description="The kernel benchmarks: every option of python -m benchmarks.kernels "
-                                   "(gpu-cnn bench --help lists them).")
+    p = sub.add_parser("bench", help="kernel benchmarks (gpu-cnn bench --help lists the options)", add_help=False,
+                       description="The kernel benchmarks (benchmarks/kernels.py); results go to "
+                                   "runs/bench/<device>-<date>/ unless --out.")
     _backend_arg(p)  # -h/--help and every other option go on to the benchmark itself
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the CNN explainer's worked example, printed; figures with --out")
-    p.add_argument("--out", help="folder to write the explainer's figures (PNG) to")
+    p.add_argument("--out", help="folder to write the explainer's figures (PNG) to (default: none, text only)")
     _backend_arg(p)
     p.set_defaults(func=cmd_demo)
 
@@ -524,7 +776,15 @@ def main(argv=None):
     from .backend import BackendError
 
     try:
-        return args.func(args) or 0
+        try:
+            return args.func(args) or 0
+        finally:
+            sys.stdout.flush()  # a closed pipe shows up here, inside the BrokenPipeError handler below
+    except BrokenPipeError:
+        # `gpu-cnn predict ... | head -2`: the reader left; stop quietly, as command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (BackendError, OSError, ValueError) as exc:  # OSError: unwritable folders, unreadable files
         print(f"gpu-cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

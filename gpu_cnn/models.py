@@ -17,6 +17,27 @@ from .nn import (
     positive_int,
 )
 
+# The output layer starts this much smaller than nn.Linear's default (He) init, so that a fresh model's
+# logits are near zero and its first loss near ln(num_classes) instead of 3-7 for ten classes.
+OUTPUT_INIT_SCALE = 0.1
+
+
+def _small_output_init(build):
+    """Decorator for a model constructor: scale the last Linear's weight by OUTPUT_INIT_SCALE (nn.Linear's
+    own default init is left as it is for users' layers)."""
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        model = build(*args, **kwargs)
+        last = [m for m in getattr(model, "layers", ()) if isinstance(m, Linear)]
+        if last:
+            w = last[-1].weight
+            w.assign(w.numpy() * OUTPUT_INIT_SCALE)
+        return model
+
+    return wrapper
+
 
 def _start(num_classes, seed):
     num_classes = positive_int("num_classes", num_classes)
@@ -32,6 +53,7 @@ def _size(input_size):
     return s, s
 
 
+@_small_output_init
 def lenet5(num_classes=10, seed=None, in_channels=1, input_size=28):
     """LeNet-5. For 28×28 input (the default) exactly the PyTorch ``Sequential`` of the same name
     (conv 5×5 pad 2 → pool → conv 5×5 → pool → 400 → 120 → 84 → classes). Inputs too small for the
@@ -56,6 +78,7 @@ def lenet5(num_classes=10, seed=None, in_channels=1, input_size=28):
     )
 
 
+@_small_output_init
 def digits_cnn(num_classes=10, seed=None, in_channels=1):
     """A small CNN for scikit-learn's 1×8×8 digits: 8×8 → conv3 → 8×8 → pool → 4×4 → conv3 → pool → 2×2."""
     num_classes = _start(num_classes, seed)

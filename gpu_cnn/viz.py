@@ -26,7 +26,7 @@ from matplotlib.patches import Rectangle
 
 __all__ = [
     "show_image", "filter_bank", "feature_maps", "before_after", "training_curves",
-    "confusion_matrix", "misclassified", "save_figure", "new_figure", "value_format",
+    "confusion_matrix", "misclassified", "prediction", "save_figure", "new_figure", "value_format",
 ]
 
 DPI = 120
@@ -465,6 +465,8 @@ def training_curves(history, title="Training", save=None):
         else:
             ax.text(0.5, 0.5, f"no {name} recorded", ha="center", va="center", transform=ax.transAxes)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(set(epochs)) == 1:  # one point: tick just its epoch (not 0.96, 0.98, ... around it)
+            ax.set_xticks(sorted(set(epochs)))
     if any(row.get(k) is not None for row in history for k in ("train_acc", "val_acc")):
         ax_acc.set_ylim(top=min(1.02, ax_acc.get_ylim()[1] + 0.02))
     fig.suptitle(title)
@@ -550,4 +552,42 @@ def misclassified(images, y_true, y_pred, probs=None, max_n=16, class_names=None
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title}: {len(show)} shown of {len(wrong)} wrong (of {len(y_true)})")
+    return _finish(fig, save)
+
+
+def prediction(image, probs, title="Prediction", class_names=None, notes=(), save=None):
+    """The input exactly as the model sees it (after inversion, resizing and normalisation) beside a bar
+    chart of the class probabilities, the predicted class highlighted. ``gpu-cnn predict --show FILE``.
+
+    image: (1, H, W) or (H, W) (the model's input); probs: (num_classes,); notes: lines printed under the
+    image (what was done to it)."""
+    image = _host(image)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    image = _as_2d("image", image)
+    probs = np.asarray(_host(probs), dtype=np.float64).ravel()
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(len(probs))]
+    best = int(probs.argmax())
+    fig = new_figure(8.0, 3.6)
+    ax_img, ax_bar = fig.subplots(1, 2, width_ratios=[1, 1.4])
+    im = ax_img.imshow(image, cmap=IMAGE_CMAP, interpolation="nearest")
+    h, w = image.shape
+    ax_img.set_title(f"model input ({h}×{w}, normalised)", fontsize=10)
+    ax_img.set_xticks([])
+    ax_img.set_yticks([])
+    fig.colorbar(im, ax=ax_img, shrink=0.8)
+    if notes:
+        import textwrap
+
+        text = "\n".join(textwrap.fill(n, 48) for n in notes)
+        ax_img.set_xlabel(text, fontsize=7)
+    colors_ = ["C1" if i == best else "C0" for i in range(len(probs))]
+    ax_bar.bar(range(len(probs)), probs, color=colors_)
+    ax_bar.set_xticks(range(len(probs)), names)
+    ax_bar.set_ylim(0, 1.05)
+    ax_bar.set_xlabel("class")
+    ax_bar.set_ylabel("probability")
+    ax_bar.set_title(f"predicted {names[best]} (p = {probs[best]:.2f})", fontsize=10)
+    ax_bar.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
     return _finish(fig, save)

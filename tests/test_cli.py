@@ -22,7 +22,7 @@ def cli(*args, check=True, env_backend=None):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    proc = cli("train", "--epochs", "2", "--out", str(out), "--quiet", "--backend", "cpu")
+    proc = cli("train", "--epochs", "2", "--out", str(out), "--backend", "cpu")
     return out, proc
 
 
@@ -39,7 +39,7 @@ def test_train_writes_model_and_metrics(trained):
 
 def test_evaluate_reproduces_the_training_accuracy(trained):
     out, _ = trained
-    proc = cli("evaluate", str(out / "model.npz"), "--backend", "cpu")
+    proc = cli("evaluate", str(out / "model.npz"), "--backend", "cpu", "--json")
     got = json.loads(proc.stdout)
     want = json.loads((out / "metrics.json").read_text())
     assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-12)
@@ -68,7 +68,7 @@ def test_every_command_has_help():
         proc = cli(cmd, "--help")
         assert "usage: gpu-cnn " + cmd in proc.stdout
     proc = cli("bench", "--help")  # the benchmark's own options, which bench passes on
-    assert proc.returncode == 0 and "usage: python -m benchmarks.kernels" in proc.stdout
+    assert proc.returncode == 0 and "usage: gpu-cnn bench" in proc.stdout and "runs/bench/" in proc.stdout
     assert all(opt in proc.stdout for opt in ("--sweep", "--only", "--repeats", "--no-vendor"))
 
 
@@ -264,3 +264,215 @@ def test_checkpoints_without_cli_metadata(api_checkpoints, tmp_path):
     # Where the model accepts the image's own size, that size is used, with a note.
     proc = cli("predict", digits, str(tmp_path / "img8.npy"), "--backend", "cpu")
     assert proc.stdout.startswith("class ") and "does not record its input shape" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# A new user's first hour (issue 15)
+
+
+def test_train_prints_validation_and_writes_both_pictures(trained):
+    out, proc = trained
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2
+    for line in epochs:
+        assert "train loss" in line and "val loss" in line and line.count(" acc ") == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the validation images are 10 % (the default --val-split) of the training split, the test split untouched
+    assert metrics["val_images"] == round(0.1 * (metrics["train_images"] + metrics["val_images"]))
+    assert metrics["train_images"] + metrics["val_images"] + 360 - 1 <= 1797 <= metrics["train_images"] + metrics["val_images"] + 360 + 1
+    for row in metrics["history"]:
+        assert 0.0 <= row["val_acc"] <= 1.0 and row["val_loss"] > 0
+    for name in ("curves.png", "confusion.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a real picture, not an empty canvas
+
+
+def test_evaluate_prints_a_per_class_table(trained):
+    out, _ = trained
+    text = cli("evaluate", str(out / "model.npz"), "--backend", "cpu").stdout.splitlines()
+    got = json.loads(cli("evaluate", str(out / "model.npz"), "--backend", "cpu", "--json").stdout)
+    assert f"accuracy {got['test_accuracy']:.4f}" in text[0]
+    rows = [line.split() for line in text[2:]]
+    assert [r[0] for r in rows] == [str(k) for k in range(10)]
+    images, correct = sum(int(r[1]) for r in rows), sum(int(r[2]) for r in rows)
+    assert images == got["n"] and correct / images == pytest.approx(got["test_accuracy"], abs=1e-12)
+    assert sum(int(r[4]) for r in rows) == images  # every image is predicted as some class
+    for r in rows:
+        assert float(r[3]) == pytest.approx(int(r[2]) / int(r[1]), abs=5e-5)
+
+
+def test_runs_never_overwrite_an_earlier_run(trained, tmp_path):
+    out, _ = trained
+    before = snapshot(out)
+    refused(cli("train", "--epochs", "1", "--out", str(out), "--backend", "cpu", check=False),
+            "--out", "already holds a run", "--overwrite")
+    assert snapshot(out) == before
+    # without --out: runs/train-001, then runs/train-002, runs/latest pointing to the newest; --quiet is silent
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "gpu_cnn", "train", "--epochs", "1", "--quiet", "--backend",
+                               "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in os.environ.items() if k != "GPU_CNN_BACKEND"})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "" and proc.stderr == ""
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "train-001", "train-002"]
+    assert os.readlink(runs / "latest") == "train-002"
+    for run in ("train-001", "train-002"):
+        assert all((runs / run / f).is_file() for f in ("model.npz", "metrics.json", "curves.png", "confusion.png"))
+
+
+def test_overwrite_is_allowed_when_asked(tmp_path):
+    from gpu_cnn.cli import CLIError, _check_run_folder
+
+    (tmp_path / "model.npz").write_bytes(b"x")
+    with pytest.raises(CLIError, match="already holds a run"):
+        _check_run_folder(str(tmp_path), overwrite=False)
+    _check_run_folder(str(tmp_path), overwrite=True)  # no error
+    _check_run_folder(str(tmp_path / "new"), overwrite=False)  # a new folder is always fine
+
+
+def _digit_pngs(tmp_path):
+    """A "7" from sklearn's digits as the training data draw it (light on dark), inverted (dark on light)
+    and as black ink on a transparent background (RGBA, the alpha channel is the ink)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    i = int(np.flatnonzero(d.target == 7)[0])
+    grey = (d.images[i] / 16 * 255).astype(np.uint8)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = grey
+    paths = {"plain": tmp_path / "plain.png", "inverted": tmp_path / "inverted.png", "rgba": tmp_path / "rgba.png"}
+    Image.fromarray(grey).resize((32, 32), Image.NEAREST).save(paths["plain"])
+    Image.fromarray(255 - grey).resize((32, 32), Image.NEAREST).save(paths["inverted"])
+    Image.fromarray(rgba, "RGBA").resize((32, 32), Image.NEAREST).save(paths["rgba"])
+    return paths
+
+
+def test_predict_inverts_dark_on_light_and_transparent_digits(trained, tmp_path):
+    out, _ = trained
+    ckpt = str(out / "model.npz")
+    paths = _digit_pngs(tmp_path)
+    results = {k: cli("predict", ckpt, str(p), "--backend", "cpu") for k, p in paths.items()}
+    first = {k: r.stdout.splitlines()[0] for k, r in results.items()}
+    assert first["plain"] == first["inverted"] == first["rgba"] == "class 7" + first["plain"][7:]
+    assert first["plain"].startswith("class 7 ")
+    assert "inverted" not in results["plain"].stderr
+    assert "dark on a light background" in results["inverted"].stderr and "inverted it" in results["inverted"].stderr
+    assert "transparent" in results["rgba"].stderr
+    # --no-invert keeps the dark-on-light image as it is (and says so); --invert forces it on the plain one
+    kept = cli("predict", ckpt, str(paths["inverted"]), "--no-invert", "--backend", "cpu")
+    assert "--no-invert keeps it" in kept.stderr
+    forced = cli("predict", ckpt, str(paths["plain"]), "--invert", "--backend", "cpu")
+    assert "--invert" in forced.stderr
+
+
+def test_fit_image_inverts_only_dark_on_light():
+    from gpu_cnn.cli import _fit_image
+
+    light_bg = np.ones((8, 8), np.float32)
+    light_bg[2:6, 3:5] = 0.0  # a dark stroke on white
+    notes = []
+    got = _fit_image(light_bg, "x.npy", (1, 8, 8), {}, notes=notes)
+    np.testing.assert_array_equal(got[0], 1.0 - light_bg)  # inverted exactly: 1 - x, no normalisation given
+    assert notes and "inverted" in notes[0]
+    notes = []
+    np.testing.assert_array_equal(_fit_image(1.0 - light_bg, "x.npy", (1, 8, 8), {}, notes=notes)[0],
+                                  1.0 - light_bg)
+    assert notes == []
+
+
+def test_predict_show_writes_a_png(trained, tmp_path):
+    out, _ = trained
+    show = tmp_path / "shown.png"
+    proc = cli("predict", str(out / "model.npz"), str(_digit_pngs(tmp_path)["plain"]), "--show", str(show),
+               "--backend", "cpu")
+    assert f"wrote {show}" in proc.stdout
+    data = show.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_no_broken_pipe_traceback(trained, tmp_path):
+    out, _ = trained
+    np.save(tmp_path / "img.npy", np.zeros((8, 8), np.float32))
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CNN_BACKEND"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_cnn", "predict", str(out / "model.npz"),
+                             str(tmp_path / "img.npy"), "--backend", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before anything is printed, as after `| head`
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=600)
+    assert "Traceback" not in err and "Broken pipe" not in err and "BrokenPipeError" not in err, err
+
+
+def test_version_and_python_m():
+    import gpu_cnn
+
+    proc = subprocess.run([sys.executable, "-m", "gpu_cnn", "--version"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gpu-cnn {gpu_cnn.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "gpu_cnn", "--help"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: gpu-cnn")
+    for cmd in ("train", "evaluate", "predict", "bench", "demo", "info", "kernels"):
+        assert cmd in proc.stdout
+
+
+def test_train_help_shows_every_default():
+    help_text = " ".join(cli("train", "--help").stdout.split())
+    for words in ("(default: 15)", "(default: 32)", "(default: adam)", "(default: 0.1)", "(default: 0)",
+                  "sgd 0.05", "adam 0.003", "runs/train-NNN", "(default: digits)", "digits_cnn fits 8×8",
+                  "lenet5 28×28"):
+        assert words in help_text, words
+
+
+def test_first_loss_is_near_ln_classes(cpu_backend):
+    import math
+
+    from gpu_cnn import data, functional as F, models
+
+    train, _ = data.load_digits()
+    x, y = train.images[:256], train.labels[:256].astype(np.int32)
+    for seed in range(4):
+        loss, _ = F.softmax_cross_entropy(np.array(models.digits_cnn(seed=seed).forward(x)), y)
+        assert abs(float(loss) - math.log(10)) < 0.5, (seed, float(loss))
+    # lenet5's output layer is initialised the same way: its logits on 28×28 noise stay small
+    logits = np.array(models.lenet5(seed=0).forward(np.random.default_rng(0).standard_normal((8, 1, 28, 28),
+                                                                                               dtype=np.float32)))
+    loss, _ = F.softmax_cross_entropy(logits, np.zeros(8, np.int32))
+    assert abs(float(loss) - math.log(10)) < 0.5
+
+
+def test_nn_linear_keeps_its_default_init(cpu_backend):
+    from gpu_cnn import nn
+
+    nn.manual_seed(0)
+    w = nn.Linear(400, 300).weight.numpy()
+    assert abs(float(w.std()) - np.sqrt(2.0 / 400)) < 0.05 * np.sqrt(2.0 / 400)  # He init, as documented
+
+
+def test_sim_backend_trains_a_tiny_preset_in_its_stated_time(tmp_path):
+    import time
+
+    from gpu_cnn.cli import SIM_PRESET, SIM_PRESET_SECONDS
+
+    t0 = time.perf_counter()
+    proc = cli("train", "--backend", "sim", "--out", str(tmp_path / "sim"))
+    seconds = time.perf_counter() - t0
+    assert seconds < SIM_PRESET_SECONDS, seconds
+    assert "tiny preset" in proc.stdout and "--yes" in proc.stdout
+    metrics = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert metrics["backend"] == "sim" and metrics["sim_preset"] is True
+    assert metrics["train_images"] == SIM_PRESET["train_images"] and metrics["val_images"] == SIM_PRESET["val_images"]
+    assert len(metrics["history"]) == SIM_PRESET["epochs"] and np.isfinite(metrics["test_loss"])
+
+
+def test_bench_writes_under_runs_bench_and_shows_progress(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_CNN_BACKEND", "NUMBA_ENABLE_CUDASIM")}
+    proc = subprocess.run([sys.executable, "-m", "gpu_cnn", "bench", "--backend", "cpu", "--sweep", "tiny",
+                           "--only", "relu", "--repeats", "1", "--no-vendor", "--no-ceilings"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = list((tmp_path / "runs" / "bench").glob("*/kernels.json"))
+    assert len(written) == 1 and (written[0].parent / "kernels.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing else written in the folder
+    assert "results go to runs/bench/" in proc.stdout
+    assert "cases done]" in proc.stderr  # progress while it runs

@@ -38,3 +38,16 @@ def test_notebook_runs(path):
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert pngs, f"{path.name} drew no figure (no image/png output)"
+    texts = [o.get("text", "") for o in outputs if o.output_type == "stream"]
+    texts += [o.get("data", {}).get("text/plain", "") for o in outputs if o.output_type in ("execute_result", "display_data")]
+    for text in texts:  # no warnings, and no figure that shows up as its repr instead of a picture
+        assert "Warning" not in text and "warn" not in text.lower(), f"{path.name}: {text[:300]}"
+        assert "<Figure size" not in text, f"{path.name}: a figure was not drawn: {text[:200]}"
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"], f"{path.name} wrote to stderr"
+    if path.name.startswith("03_"):
+        # the curves, the filters, the test image, six feature-map figures, the confusion matrix, the misclassified
+        assert len(pngs) >= 11, f"{path.name}: {len(pngs)} figures"
+        source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "split(0.1" in source and "val_data=test" not in source  # validation is a split of the training data
+        printed = "".join(t for t in texts)
+        assert "validation" in printed and "misclassified" in printed

@@ -264,3 +264,19 @@ def test_demo_numbers_match_the_ops(cpu_backend):
     two = digit_two_example()
     assert two["maps"].shape == (5, 8, 8) and two["pool"].shape == (5, 4, 4)
     assert (two["relu"] >= 0).all() and (two["maps"] < 0).any()      # ReLU really clipped something
+
+
+def test_one_epoch_curves_tick_only_that_epoch():
+    fig = viz.training_curves([{"epoch": 1, "train_loss": 2.4, "train_acc": 0.1, "val_loss": 2.3, "val_acc": 0.2}])
+    for ax in fig.axes[:2]:
+        assert list(ax.get_xticks()) == [1]  # not 0.96, 0.98, ... around the single point
+
+
+def test_prediction_figure_has_the_input_and_one_bar_per_class():
+    probs = np.array([0.1, 0.7, 0.2])
+    fig = viz.prediction(np.zeros((1, 8, 8), np.float32), probs, title="t", notes=["inverted"])
+    ax_img, ax_bar = fig.axes[0], fig.axes[1]
+    assert ax_img.images[0].get_array().shape == (8, 8)
+    heights = [p.get_height() for p in ax_bar.patches]
+    np.testing.assert_allclose(heights, probs)
+    assert "predicted 1" in ax_bar.get_title() and "inverted" in ax_img.get_xlabel()

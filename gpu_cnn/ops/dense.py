@@ -6,7 +6,7 @@ of :mod:`gpu_cnn.kernels.gemm`, which also read the transposed operands in place
 import numpy as np
 
 from .. import backend as _backend
-from ._base import as_input, check_out, check_shape, check_version, empty, result
+from ._base import as_input, check_no_overlap, check_out, check_shape, check_version, empty, result
 
 _X_LAYOUT = "(N, in_features)"
 _W_LAYOUT = "(out_features, in_features)"
@@ -38,6 +38,7 @@ def linear(x, w, b=None, *, out=None, version=None):
         b, _ = as_input("b", b, 1, "(out_features,)")
         check_shape("b", b, (fout,))
     y = empty((n, fout)) if out is None else check_out("out", out, (n, fout))
+    check_no_overlap([("out", y)], [("x", x), ("w", w), ("b", b)])
 
     if not _backend.uses_kernels():
         np.matmul(x, w.T, out=y)
@@ -78,6 +79,7 @@ def linear_backward(dy, x, w, *, out=None, bias=True, need_dx=True, version=None
     dw = empty((fout, fin)) if out[1] is None else check_out("out[1] (dw)", out[1], (fout, fin))
     if bias:
         db = empty((fout,)) if out[2] is None else check_out("out[2] (db)", out[2], (fout,))
+    check_no_overlap([("out[0] (dx)", dx), ("out[1] (dw)", dw), ("out[2] (db)", db)], [("dy", dy), ("x", x), ("w", w)])
 
     if not _backend.uses_kernels():
         if dx is not None:

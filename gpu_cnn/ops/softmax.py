@@ -11,7 +11,7 @@ larger batch arrives; reused after that, so a training loop allocates nothing pe
 import numpy as np
 
 from .. import backend as _backend
-from ._base import as_input, as_labels, check_out, empty, is_device_array, result
+from ._base import as_input, as_labels, check_no_overlap, check_out, empty, is_device_array, result
 
 _LAYOUT = "(N, num_classes)"
 
@@ -63,6 +63,7 @@ def softmax_cross_entropy(logits, labels, *, out=None):
     probs, loss_buf = _split_out(out, n, c)
     if probs is None:
         probs = empty((n, c))
+    check_no_overlap([("out (probs)", probs), ("out (loss_buf)", loss_buf)], [("logits", logits), ("labels", labels)])
 
     if not _backend.uses_kernels():
         z = np.subtract(logits, logits.max(axis=1, keepdims=True), out=probs)
@@ -92,6 +93,7 @@ def softmax_cross_entropy_backward(probs, labels, *, out=None):
     n, c = _check_batch("probs", probs)
     labels = as_labels("labels", labels, n, c)
     d = empty((n, c)) if out is None else check_out("out", out, (n, c))
+    check_no_overlap([("out", d)], [("probs", probs), ("labels", labels)], in_place=[("out", "probs")])
 
     if not _backend.uses_kernels():
         if d is not probs:

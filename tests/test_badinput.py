@@ -74,10 +74,12 @@ def test_pool_and_softmax_refuse_aliased_outputs(backend, rng):
     dy = _dev(rng.standard_normal((1, 1, 3, 3)))
     with pytest.raises(ValueError, match=r"out: shares memory with the input dy"):
         F.max_pool2d_backward(dy, np.arange(9, dtype=np.int32).reshape(1, 1, 3, 3), (1, 1, 3, 3), 1, 1, out=dy)
-    logits = _dev(rng.standard_normal((2, 3)))
     labels = np.array([0, 2])
-    with pytest.raises(ValueError, match=r"out \(probs\): shares memory with the input logits"):
-        F.softmax_cross_entropy(logits, labels, out=logits)
+    flat = _dev(rng.standard_normal(8))  # logits (2, 3) on its first 6 floats
+    with pytest.raises(ValueError, match=r"out \(loss_buf\): shares memory with the input logits"):
+        F.softmax_cross_entropy(flat[:6].reshape(2, 3), labels, out=(None, flat[5:8]))
+    with pytest.raises(ValueError, match=r"out \(probs\): shares memory with the input logits.*in place"):
+        F.softmax_cross_entropy(flat[:6].reshape(2, 3), labels, out=flat[2:8].reshape(2, 3))  # shifted
 
 
 def _idx_like(host_idx):
@@ -102,6 +104,10 @@ def test_documented_in_place_ops_stay_correct_and_partial_overlap_is_refused(bac
     flat = _dev(np.array([-1, 2, -3, 4, -5], np.float32))
     with pytest.raises(ValueError, match=r"out: shares memory with the input x.*itself \(in place\)"):
         F.relu(flat[1:], out=flat[:4])
+    z = _dev(np.array([[0.0, np.log(2.0)], [0.0, 0.0]]))
+    loss, _ = F.softmax_cross_entropy(z, np.array([1, 0]), out=z)  # documented in place
+    np.testing.assert_allclose(_host(z), [[1 / 3, 2 / 3], [0.5, 0.5]], rtol=1e-6)
+    assert loss == pytest.approx((np.log(1.5) + np.log(2.0)) / 2, rel=1e-6)  # hand-worked: -log p of the labels
     probs = _dev(np.full((2, 3), 1 / 3))
     d = F.softmax_cross_entropy_backward(probs, np.array([0, 1]), out=probs)  # documented in place
     np.testing.assert_allclose(_host(probs), [[-1 / 3, 1 / 6, 1 / 6], [1 / 6, -1 / 3, 1 / 6]], rtol=1e-6)

@@ -63,7 +63,8 @@ def softmax_cross_entropy(logits, labels, *, out=None):
     probs, loss_buf = _split_out(out, n, c)
     if probs is None:
         probs = empty((n, c))
-    check_no_overlap([("out (probs)", probs), ("out (loss_buf)", loss_buf)], [("logits", logits), ("labels", labels)])
+    check_no_overlap([("out (probs)", probs), ("out (loss_buf)", loss_buf)], [("logits", logits), ("labels", labels)],
+                     in_place=[("out (probs)", "logits")])
 
     if not _backend.uses_kernels():
         z = np.subtract(logits, logits.max(axis=1, keepdims=True), out=probs)

@@ -105,6 +105,12 @@ class Parameter:
             self.data.copy_to_device(host)
 
 
+def _view(flat, off, n, shape):
+    """flat[off:off + n] seen as `shape` (a view, no copy)."""
+    v = flat[off:off + n]
+    return v.reshape(shape) if tuple(shape) != (n,) else v
+
+
 def _host_copy(a):
     """A host copy the caller owns (never a view of a reused buffer)."""
     return a.copy() if isinstance(a, np.ndarray) else a.copy_to_host()
@@ -180,6 +186,40 @@ class Module:
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
+
+    def flatten_parameters(self):
+        """Move every parameter's values into one flat float32 buffer and its gradients into another,
+        in :meth:`parameters` order, back to back; each ``Parameter.data``/``.grad`` becomes a view of
+        them (values kept, gradients zeroed). Returns ``(flat params, flat grads)``, the pair an
+        optimizer's ``flat=`` takes to update the whole model in one launch (and a data-parallel
+        all-reduce needs to make one call). ``state_dict`` and checkpoints are unchanged. Arrays taken
+        from ``p.data`` before the call are no longer the parameters.
+        """
+        params = self.parameters()
+        sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in params]
+        if self._is_flat(params, sizes):
+            return self.flat_parameters  # already: a second Trainer on the model shares the same buffers
+        data, grad = _base.empty((sum(sizes),)), _base.zeros((sum(sizes),))
+        off = 0
+        for p, n in zip(params, sizes):
+            values = p.numpy()
+            p.data, p.grad = _view(data, off, n, p.shape), _view(grad, off, n, p.shape)
+            p.assign(values)
+            off += n
+        self.flat_parameters, self._flat_backend = (data, grad), _backend.get_backend()
+        return self.flat_parameters
+
+    def _is_flat(self, params, sizes):
+        flat = getattr(self, "flat_parameters", None)
+        if flat is None or flat[0].shape[0] != sum(sizes) or self._flat_backend != _backend.get_backend():
+            return False
+        item, off = np.dtype(np.float32).itemsize, 0
+        for p, n in zip(params, sizes):
+            for a, base in ((p.data, flat[0]), (p.grad, flat[1])):
+                if _base.data_address(a) != _base.data_address(base) + off * item:
+                    return False
+            off += n
+        return True
 
     def zero_grad(self):
         for p in self.parameters():
@@ -533,6 +573,8 @@ class Sequential(Module):
             layer.ws = Workspace(type(layer).__name__)
         self.staging = HostStaging()
         self.load_state_dict(state)
+        if getattr(self, "flat_parameters", None) is not None:  # it was flat: it stays flat, on the new backend
+            self.flatten_parameters()
         return self
 
     def memory_rows(self):

@@ -10,6 +10,15 @@ read. The optimizer state (momentum buffers, Adam's m and v) is allocated once, 
 
     opt = SGD([(p.data, p.grad) for p in model.parameters()], lr=0.1, momentum=0.9)
     opt.zero_grad(); model.backward(dlogits); opt.step()
+
+One launch a step: where the params and grads are views of two flat buffers, in order and back to back
+(``model.flatten_parameters()`` makes them so and returns the pair), pass that pair as ``flat=``; the
+state is then flat too, and a step (and ``zero_grad``) updates the whole model in one launch. The
+elements and their formulas are the same, so the results are bit-identical to one launch per param;
+``state_dict`` keeps one array per param either way.
+
+    flat = model.flatten_parameters()
+    opt = Adam(model.parameters(), lr=1e-3, flat=flat)
 """
 import math
 import numbers
@@ -101,6 +110,42 @@ def _pairs(params, on_kernels):
     return out
 
 
+def _flat_pair(flat, params, on_kernels):
+    """Validate ``flat = (flat params, flat grads)``: 1-D float32 buffers of the backend's kind that hold
+    every (param, grad) of `params` as back-to-back views, in order. Returns the pair and each param's
+    element offset."""
+    if not (isinstance(flat, (tuple, list)) and len(flat) == 2):
+        raise TypeError(f"flat: expected a (flat params, flat grads) pair, got {type(flat).__name__}")
+    arrays = []
+    for role, a in zip(("params", "grads"), flat):
+        name = f"flat {role}"
+        if on_kernels:
+            if not _base.is_device_array(a):
+                raise TypeError(f"{name}: expected a device array, got {type(a).__name__}")
+            a = _base._as_cuda_array(a)
+        elif not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a NumPy array on backend 'cpu', got {type(a).__name__}")
+        if np.dtype(a.dtype) != _base.FLOAT or len(a.shape) != 1:
+            raise ValueError(f"{name}: expected a 1-D float32 buffer, got {np.dtype(a.dtype).name} of shape "
+                             f"{tuple(a.shape)}")
+        arrays.append(a)
+    fp, fg = arrays
+    total = sum(pf.shape[0] for _, _, pf, _ in params)
+    if fp.shape[0] != total or fg.shape[0] != total:
+        raise ValueError(f"flat: the buffers hold {fp.shape[0]} and {fg.shape[0]} elements, but the params "
+                         f"hold {total}")
+    item = _base.FLOAT().itemsize
+    offsets, off = [], 0
+    for i, (_, _, pf, gf) in enumerate(params):
+        for role, a, base in (("param", pf, fp), ("grad", gf, fg)):
+            if _base.data_address(a) != _base.data_address(base) + off * item:
+                raise ValueError(f"flat: params[{i}] {role} is not the view of the flat {role}s at element {off} "
+                                 "(the params must be back-to-back views of the flat buffers, in order)")
+        offsets.append(off)
+        off += pf.shape[0]
+    return (fp, fg), offsets
+
+
 # ---------------------------------------------------------------------------------------------------
 # base class
 
@@ -113,10 +158,17 @@ class Optimizer:
     NAME = "optimizer"
     BUFFERS = ()
 
-    def __init__(self, params, lr, version=None):
+    def __init__(self, params, lr, version=None, flat=None):
         self._on_kernels = _backend.uses_kernels()
         self._backend = _backend.get_backend()
         self._params = _pairs(params, self._on_kernels)
+        # what a step updates, one launch each: (flat param, flat grad, first param index, param count)
+        if flat is None:
+            self._flat, self._offsets = None, None
+            self._segments = [(pf, gf, i, 1) for i, (_, _, pf, gf) in enumerate(self._params)]
+        else:
+            self._flat, self._offsets = _flat_pair(flat, self._params, self._on_kernels)
+            self._segments = [(self._flat[0], self._flat[1], 0, len(self._params))]
         self.lr = lr
         if version is not None and self._on_kernels:  # on cpu there are no kernel versions: ignored
             from .kernels import optim as kernels
@@ -126,6 +178,7 @@ class Optimizer:
         self.step_count = 0
         self.state = {}  # buffer name -> one array per param, shaped like it, on the backend (live, not copies)
         self._state = {}  # the same buffers viewed flat
+        self._seg_state = {}  # buffer name -> one flat buffer per segment (what the update kernels get)
         self._scratch = ()
 
     # -- lr: a settable attribute, validated (schedules change it between steps)
@@ -145,17 +198,25 @@ class Optimizer:
     # -- memory, planned once
     def _alloc_state(self, names):
         """One zeroed buffer shaped like its param for every name (through _base.zeros: counted, on the
-        backend); the kernels and the cpu path use flat views of them."""
+        backend); the kernels and the cpu path use flat views of them. With ``flat=``, one flat buffer
+        per name, and the per-param arrays are views of it."""
         for name in names:
-            bufs = [_base.zeros(p.shape) for p, _, _, _ in self._params]
+            if self._flat is None:
+                bufs = [_base.zeros(p.shape) for p, _, _, _ in self._params]
+                flats = [b.reshape(pf.shape[0]) if b.ndim != 1 else b for b, (_, _, pf, _) in zip(bufs, self._params)]
+                self._seg_state[name] = flats
+            else:
+                whole = _base.zeros((self._flat[0].shape[0],))
+                flats = [whole[o:o + pf.shape[0]] for o, (_, _, pf, _) in zip(self._offsets, self._params)]
+                bufs = [f.reshape(p.shape) if len(p.shape) != 1 else f for f, (p, _, _, _) in zip(flats, self._params)]
+                self._seg_state[name] = [whole]
             self.state[name] = bufs
-            self._state[name] = [b.reshape(pf.shape[0]) if b.ndim != 1 else b
-                                 for b, (_, _, pf, _) in zip(bufs, self._params)]
+            self._state[name] = flats
 
     def _alloc_scratch(self, count):
-        """cpu only: `count` flat host scratch arrays of the largest param's size, reused every step."""
+        """cpu only: `count` flat host scratch arrays of the largest segment's size, reused every step."""
         if not self._on_kernels:
-            n = max(pf.shape[0] for _, _, pf, _ in self._params)
+            n = max(pf.shape[0] for pf, _, _, _ in self._segments)
             self._scratch = tuple(np.empty(n, _base.FLOAT) for _ in range(count))
 
     def _views(self, n):
@@ -168,22 +229,23 @@ class Optimizer:
         if self._on_kernels:
             from .kernels import optim as kernels
 
-            for i, (_, _, pf, gf) in enumerate(self._params):
-                self._update_kernels(kernels, i, pf, gf, t)
+            for k, (pf, gf, _, _) in enumerate(self._segments):
+                self._update_kernels(kernels, k, pf, gf, t)
         else:
-            for i, (_, _, pf, gf) in enumerate(self._params):
-                self._update_cpu(i, pf, gf, t)
+            for k, (pf, gf, _, _) in enumerate(self._segments):
+                self._update_cpu(k, pf, gf, t)
         self.step_count = t
 
     def zero_grad(self):
-        """Fill every grad with 0 in place (no allocation)."""
-        for _, _, _, gf in self._params:
+        """Fill every grad with 0 in place (no allocation; one fill with ``flat=``)."""
+        for _, gf, _, _ in self._segments:
             _base.fill(gf, 0.0)
 
-    def _update_cpu(self, i, p, g, t):  # pragma: no cover - abstract
+    # k: the segment (one param, or the whole flat model); its state buffers are self._seg_state[name][k]
+    def _update_cpu(self, k, p, g, t):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update_kernels(self, kernels, i, p, g, t):  # pragma: no cover - abstract
+    def _update_kernels(self, kernels, k, p, g, t):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- state
@@ -267,7 +329,8 @@ class SGD(Optimizer):
     NAME = "sgd"
     BUFFERS = ("momentum_buffer",)
 
-    def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *, version=None):
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *, version=None,
+                 flat=None):
         self.momentum = _real("momentum", momentum, low=0.0)
         self.dampening = _real("dampening", dampening, low=0.0, high=1.0)
         self.nesterov = _flag("nesterov", nesterov)
@@ -277,7 +340,7 @@ class SGD(Optimizer):
                 f"nesterov: Nesterov momentum needs momentum > 0 and dampening == 0, "
                 f"got momentum={self.momentum:g}, dampening={self.dampening:g}"
             )
-        super().__init__(params, lr, version)
+        super().__init__(params, lr, version, flat)
         if self.momentum != 0.0:
             self._alloc_state(["momentum_buffer"])
         self._alloc_scratch(2)
@@ -286,12 +349,12 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
-    def _update_kernels(self, kernels, i, p, g, t):
-        buf = self._state["momentum_buffer"][i] if self.momentum != 0.0 else None
+    def _update_kernels(self, kernels, k, p, g, t):
+        buf = self._seg_state["momentum_buffer"][k] if self.momentum != 0.0 else None
         kernels.sgd_step(p, g, buf, self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay,
                          first_step=t == 1, version=self.version)
 
-    def _update_cpu(self, i, p, g, t):
+    def _update_cpu(self, k, p, g, t):
         f = np.float32
         s, tmp = self._views(p.shape[0])
         d = g  # the effective gradient; g itself is never written
@@ -300,7 +363,7 @@ class SGD(Optimizer):
             s += g
             d = s
         if self.momentum != 0.0:
-            buf = self._state["momentum_buffer"][i]
+            buf = self._seg_state["momentum_buffer"][k]
             if t == 1:
                 np.copyto(buf, d)
             else:
@@ -333,7 +396,7 @@ class Adam(Optimizer):
     BUFFERS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False, *,
-                 version=None):
+                 version=None, flat=None):
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         self.betas = (_real("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
@@ -343,7 +406,7 @@ class Adam(Optimizer):
         self.decoupled = _flag("decoupled", decoupled)
         if self.decoupled:
             self.NAME = "adamw"
-        super().__init__(params, lr, version)
+        super().__init__(params, lr, version, flat)
         self._alloc_state(["exp_avg", "exp_avg_sq"])
         self._alloc_scratch(2 if self.weight_decay != 0.0 and not self.decoupled else 1)
 
@@ -351,19 +414,19 @@ class Adam(Optimizer):
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
                 "decoupled": self.decoupled}
 
-    def _update_kernels(self, kernels, i, p, g, t):
-        kernels.adam_step(p, g, self._state["exp_avg"][i], self._state["exp_avg_sq"][i], t, self.lr,
+    def _update_kernels(self, kernels, k, p, g, t):
+        kernels.adam_step(p, g, self._seg_state["exp_avg"][k], self._seg_state["exp_avg_sq"][k], t, self.lr,
                           self.betas[0], self.betas[1], self.eps, self.weight_decay, self.decoupled,
                           version=self.version)
 
-    def _update_cpu(self, i, p, g, t):
+    def _update_cpu(self, k, p, g, t):
         f = np.float32
         beta1, beta2 = self.betas
         # host float64 scalars, as gpu_cnn.kernels.optim.adam_scalars computes them for the kernels
         # (not imported from there: that would import numba.cuda on the cpu backend)
         step_size = self.lr / (1.0 - beta1**t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
-        m, v = self._state["exp_avg"][i], self._state["exp_avg_sq"][i]
+        m, v = self._seg_state["exp_avg"][k], self._seg_state["exp_avg_sq"][k]
         views = self._views(p.shape[0])
         tmp = views[0]
         d = g  # the effective gradient; g itself is never written
@@ -394,8 +457,9 @@ class AdamW(Adam):
     """``torch.optim.AdamW``: :class:`Adam` with decoupled weight decay (p *= 1 − lr·weight_decay),
     weight_decay 1e-2 by default as in PyTorch."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, version=None):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, version=version)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, version=None,
+                 flat=None):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, version=version, flat=flat)
 
 
 # ---------------------------------------------------------------------------------------------------

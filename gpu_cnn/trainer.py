@@ -85,12 +85,16 @@ class Trainer:
     when a loss or a weight becomes NaN/inf, or when an epoch's mean training loss exceeds
     ``divergence_factor`` × the reference: the larger of the first step's loss (the starting model's)
     and ln(classes) (a uniform guess's). Default :data:`DIVERGENCE_FACTOR` (100); None turns the
-    loss test off (non-finite values still stop).
+    loss test off (non-finite values still stop);
+    progress_interval: seconds between the bar's refreshes of loss and accuracy (default 0.5). On the
+    kernel backends ``fit`` keeps the loss sum, the correct count and a non-finite flag on the device and
+    reads them only at these refreshes and at the end of an epoch, never every step (a NaN loss is then
+    found at the next read: the epoch is rolled back all the same, and the error names its step).
     """
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None,
-                 divergence_factor=DIVERGENCE_FACTOR):
+                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5):
         from .nn import Module
         from .optim import OPTIMIZERS, make_optimizer
 
@@ -122,6 +126,10 @@ class Trainer:
         self.model, self.batch_size, self.seed = model, batch_size, seed
         self.val_split = float(val_split)
         self.progress = progress
+        if (isinstance(progress_interval, bool) or not isinstance(progress_interval, numbers.Real)
+                or not (math.isfinite(progress_interval) and progress_interval > 0)):
+            raise ValueError(f"progress_interval: expected a positive number of seconds, got {progress_interval!r}")
+        self.progress_interval = float(progress_interval)
         self.checkpoint_path = checkpoint_path
         from .checkpoint import RESERVED_KEYS, _check_metadata
 
@@ -132,8 +140,10 @@ class Trainer:
         kw = {} if weight_decay is None else {"weight_decay": weight_decay}
         if optimizer == "sgd":
             kw["momentum"] = momentum
+        # one flat buffer of parameters and one of gradients: the optimizer updates the model in one launch
+        flat = model.flatten_parameters()
         pairs = [(p.data, p.grad) for p in model.parameters()]
-        self.optimizer = make_optimizer(optimizer, pairs, float(lr), **kw)
+        self.optimizer = make_optimizer(optimizer, pairs, float(lr), flat=flat, **kw)
         self.optimizer_name = optimizer
         self._saved = False  # whether a checkpoint was written by this trainer
         self.ws = Workspace("loss")
@@ -188,6 +198,29 @@ class Trainer:
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
+    def _device_step(self, x, y, step):
+        """train_step for fit on the kernel backends, with nothing read back: the labels were range-checked
+        when fit got them, the loss goes straight to the device accumulator (kernels.metrics)."""
+        from .kernels import metrics as kmetrics
+        from .kernels import softmax as ksoftmax
+
+        logits = self.model.forward(self._images(x))
+        n, c = logits.shape
+        labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
+        probs = self.ws.get("probs", (n, c))
+        losses = self.ws.get("row_loss", (n + 1,))
+        ksoftmax.softmax_cross_entropy_forward(logits, labels, probs, losses[:n], losses[n:])
+        kmetrics.accumulate(losses[:n], probs, labels, self._acc, step)
+        dlogits = self.ws.get("dlogits", (n, c))
+        ksoftmax.softmax_cross_entropy_backward(probs, labels, dlogits)
+        self.model.backward(dlogits)
+        self.optimizer.step()
+
+    def _read_metrics(self):
+        """(loss sum, correct, first bad step or None, its loss) of the epoch so far: one small device read."""
+        a = self._acc.copy_to_host()
+        return float(a[0]), int(a[1]), (int(a[3]) if a[2] > 0 else None), float(a[4])
+
     # -- checks made before the first step, so that bad data never leaves a half-trained model
     def _check_fits_model(self, name, x, y):
         """The images fit the model's input and the labels its output classes."""
@@ -233,20 +266,43 @@ class Trainer:
             order = self.rng.permutation(len(y))
             total_loss, correct, seen = 0.0, 0, 0
             bar = self._bar(len(y), f"epoch {epoch}")
+            on_device = _backend.uses_kernels()
+            if on_device:
+                from .kernels import metrics as kmetrics
+
+                self._acc = kmetrics.reset(self.ws.get("metrics", (kmetrics.SLOTS,), np.float64))
+            shown = time.perf_counter()
             try:
                 for start in range(0, len(y), self.batch_size):
                     idx = order[start:start + self.batch_size]
-                    with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is reported below
-                        loss, ok = self.train_step(x[idx], y[idx])
-                    if not math.isfinite(loss):
-                        self._fail(epoch, start // self.batch_size + 1, loss, good)
-                    if self._loss_ref is None:
-                        self._loss_ref = max(loss, math.log(max(classes, 2)))
-                    total_loss += loss * len(idx)
-                    correct += ok
+                    step = start // self.batch_size + 1
                     seen += len(idx)
+                    if on_device:  # nothing read back: the loss and the accuracy accumulate on the device
+                        self._device_step(x[idx], y[idx], step)
+                        if self._loss_ref is None:  # one read in the Trainer's life: the first step's loss
+                            first, _, bad_step, bad_loss = self._read_metrics()
+                            if bad_step is not None:
+                                self._fail(epoch, bad_step, bad_loss, good)
+                            self._loss_ref = max(first / len(idx), math.log(max(classes, 2)))
+                        refresh = not bar.disable and time.perf_counter() - shown >= self.progress_interval
+                        if refresh or start + self.batch_size >= len(y):
+                            total_loss, correct, bad_step, bad_loss = self._read_metrics()
+                            if bad_step is not None:
+                                self._fail(epoch, bad_step, bad_loss, good)
+                    else:
+                        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is reported below
+                            loss, ok = self.train_step(x[idx], y[idx])
+                        if not math.isfinite(loss):
+                            self._fail(epoch, step, loss, good)
+                        if self._loss_ref is None:
+                            self._loss_ref = max(loss, math.log(max(classes, 2)))
+                        total_loss += loss * len(idx)
+                        correct += ok
+                        refresh = not bar.disable
                     bar.update(len(idx))
-                    bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                    if refresh:
+                        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                        shown = time.perf_counter()
                 row = {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
                        "seconds": time.perf_counter() - t0}
                 snapshot = self._snapshot()

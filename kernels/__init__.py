@@ -4,4 +4,4 @@ Importing a kernel module imports ``numba.cuda``; the orchestrator only does tha
 ``sim`` backends, after it has decided whether the CUDA simulator is on.
 """
 
-KERNEL_MODULES = ("conv2d", "activation", "pool", "gemm", "softmax", "optim")
+KERNEL_MODULES = ("conv2d", "activation", "pool", "gemm", "softmax", "optim", "metrics")

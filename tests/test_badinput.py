@@ -487,3 +487,18 @@ def test_cli_errors_say_what_is_wrong(cpu_backend, cli_checkpoint, tmp_path, cap
     assert "--data-dir: " in (err := capsys.readouterr().err) and "is a file, not a folder" in err
     assert main(["predict", str(cli_checkpoint), str(tmp_path), "--backend", "cpu"]) == 2
     assert "a folder, not an image file" in capsys.readouterr().err
+
+
+def test_divergence_is_caught_on_the_kernel_backend_too(kernel_backend, small_digits):
+    """fit on the kernels reads the loss back only at epoch ends: the reference comes from one read
+    after the first step, and the epoch test is the same as on cpu (a tiny MLP keeps the simulator quick)."""
+    (x, y), _ = small_digits
+    nn.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    t = Trainer(model, optimizer="adam", lr=1e6, batch_size=8, progress=False)
+    start = model.state_dict()
+    with np.errstate(all="ignore"), pytest.raises(TrainingError, match=r"divergence_factor=100 times the reference"):
+        t.fit((x[:16], y[:16]), epochs=1)  # two steps: the second's loss is ~1e6 times the first's
+    assert t._loss_ref >= np.log(10)  # set from the first step (or the uniform guess's loss)
+    for k, v in start.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)

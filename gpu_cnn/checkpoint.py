@@ -7,6 +7,11 @@ anything is written (``TypeError``/``ValueError`` naming the argument). A file t
 (a ``.npy``, a text file), a corrupt or truncated one, one that carries a pickle, one whose metadata
 or architecture is malformed or hostile (nested too deep, more parameters than the file holds), or
 one whose weights do not fit the architecture it names is refused with :class:`CheckpointError`.
+So is a file whose weights hold NaN or ±inf (naming the tensor; ``load(path, allow_nonfinite=True)``
+takes them), and a zip member whose declared size is not the size its array header says the tensor
+needs: checked from the member's header before its data is decompressed, so a zip bomb is never read.
+Files are written with the permissions any file the user writes gets (0666 less the umask: 0644
+under umask 022), not the 0600 of a temporary file.
 """
 import errno
 import json
@@ -64,6 +69,7 @@ def save(model, path, metadata=None):
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -78,51 +84,113 @@ def save(model, path, metadata=None):
     return path
 
 
-def read(path):
+def best_path(path):
+    """Where the Trainer keeps the BEST checkpoint beside the last one at `path`: ``model.npz`` ->
+    ``model.best.npz`` (a path without ``.npz`` gets ``.best.npz`` appended)."""
+    path = os.fsdecode(os.fspath(path))
+    stem = path[:-4] if path.lower().endswith(".npz") else path
+    return stem + ".best.npz"
+
+
+def read(path, allow_nonfinite=False):
     """(state_dict, metadata) from a checkpoint, validated; raises CheckpointError."""
     path = _check_path(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: a folder, not a checkpoint file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):  # a FIFO, a device such as /dev/zero, a socket
+        raise CheckpointError(f"{path}: not a regular file (a checkpoint is a .npz file)")
     _check_is_npz(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if META_KEY not in names:
-                raise CheckpointError(f"{path}: not a gpu-cnn checkpoint (no {META_KEY} entry)")
-            arrays = {k: z[k] for k in names}
+        arrays = _read_members(path)
+        if META_KEY not in arrays:
+            raise CheckpointError(f"{path}: not a gpu-cnn checkpoint (no {META_KEY} entry)")
     except CheckpointError:
         raise
-    except ValueError as exc:  # numpy refuses object arrays (pickles) with allow_pickle=False
-        if "pickle" in str(exc).lower():
-            raise CheckpointError(f"{path}: refused, the file carries pickled objects (never loaded)") from exc
+    except ValueError as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, MemoryError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, MemoryError, NotImplementedError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
-    for k, v in arrays.items():
-        if not isinstance(v, np.ndarray):  # np.load hands back a zip member that is not a .npy as bytes
-            raise CheckpointError(f"{path}: entry {k!r} is not a NumPy array (.npy)")
     meta = _parse_metadata(arrays.pop(META_KEY), path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a gpu-cnn checkpoint (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported (this is {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r} ({type(version).__name__}) is not supported "
+                              f"(this gpu-cnn reads format version {FORMAT_VERSION}, an int)")
     for k, v in arrays.items():
         counter = k.rsplit(".", 1)[-1] == "num_batches_tracked" and v.dtype.kind in "iu" and v.shape == ()
         if v.dtype.kind != "f" and not counter:  # BatchNorm's batch counter is an integer, as in PyTorch
             raise CheckpointError(f"{path}: entry {k!r} has dtype {v.dtype}, expected floating point")
+        if not allow_nonfinite and not np.isfinite(v).all():
+            n = int(np.count_nonzero(~np.isfinite(v)))
+            raise CheckpointError(f"{path}: tensor {k!r} holds {n} NaN or infinite value(s) of {v.size}; refused "
+                                  f"(a diverged model?). load(path, allow_nonfinite=True) takes it as it is")
     return arrays, meta
 
 
-def load(path, model=None):
+def _read_members(path):
+    """{name: array} of every member of the .npz, each checked before its data is read: a .npy header
+    (magic, version 1.0 or 2.0, no object dtype, so nothing is unpickled), and a declared
+    (uncompressed) size equal to the header's size plus what the tensor's shape and dtype need."""
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            with zf.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                except ValueError:
+                    raise CheckpointError(f"{path}: entry {name!r} is not a NumPy array (.npy)") from None
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise CheckpointError(f"{path}: entry {name!r} is a .npy of version {version}, not 1.0 or 2.0")
+                if dtype.hasobject:
+                    raise CheckpointError(f"{path}: refused, the file carries pickled objects (entry {name!r}, "
+                                          f"never loaded)")
+                nbytes = dtype.itemsize
+                for d in shape:
+                    nbytes *= int(d)
+                header = f.tell()
+                if info.file_size != header + nbytes:
+                    raise CheckpointError(
+                        f"{path}: entry {name!r} declares {info.file_size} bytes, but its header (shape {shape}, "
+                        f"{dtype}) needs {header + nbytes}; refused before reading it")
+                data = f.read(nbytes)
+                if len(data) != nbytes:
+                    raise CheckpointError(f"{path}: entry {name!r} is truncated ({len(data)} of {nbytes} bytes)")
+            a = np.frombuffer(data, dtype=dtype) if nbytes else np.empty(0, dtype)
+            arrays[name] = a.reshape(shape, order="F" if fortran else "C").copy()
+    return arrays
+
+
+def _umask():
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def load(path, model=None, allow_nonfinite=False):
     """Rebuild the model a checkpoint describes (or fill `model`, which must have the same
-    architecture) on the current backend; returns it. ``model.checkpoint_metadata`` holds the metadata."""
+    architecture) on the current backend; returns it. ``model.checkpoint_metadata`` holds the metadata.
+    Weights holding NaN or ±inf are refused (naming the tensor) unless ``allow_nonfinite``."""
     from .nn import from_spec
 
     if model is not None:
         _check_model(model)
-    state, meta = read(path)
+    state, meta = read(path, allow_nonfinite=allow_nonfinite)
     path = os.fsdecode(os.fspath(path))
     arch = meta.get("architecture")
     if model is None:
@@ -138,11 +206,27 @@ def load(path, model=None):
     elif _normalise(model.spec()) != arch:
         raise CheckpointError(f"{path}: the checkpoint is for another architecture than the given model")
     try:
-        model.load_state_dict(state)
+        if allow_nonfinite:
+            _assign_unchecked(model, state)
+        else:
+            model.load_state_dict(state)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the architecture: {exc}") from exc
     model.checkpoint_metadata = meta
     return model
+
+
+def _assign_unchecked(model, state):
+    """load_state_dict without its NaN/Inf refusal, for ``allow_nonfinite=True`` (names and shapes are
+    still checked)."""
+    own = dict(model.named_parameters())
+    if set(own) != set(state):
+        model.load_state_dict(state)  # raises the usual mismatch error
+    for name, p in own.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"state_dict[{name!r}]: expected shape {p.shape}, got {state[name].shape}")
+    for name, p in own.items():
+        p.assign(state[name])
 
 
 # -- argument checks (save and load) ---------------------------------------------------------------

@@ -224,6 +224,9 @@ def _load_data(args):
     from . import data
 
     kw = {"data_dir": args.data_dir} if args.data_dir else {}
+    if args.data_dir and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise CLIError(f"--data-dir: {args.data_dir!r} is a file, not a folder (give the folder that holds "
+                       f"the IDX files)")
     return data.load_dataset(args.dataset, **kw)
 
 
@@ -369,7 +372,8 @@ def cmd_train(args):
                "val_images": 0 if val_part is None else len(val_part), "sim_preset": preset,
                "images_per_second": len(fit_part) * epochs / seconds, "ranks": ranks,
                "history": trainer.history}
-    save(model, ckpt, metadata=dict(meta, metrics={k: v for k, v in metrics.items() if k != "history"}))
+    save(model, ckpt, metadata=dict(meta, metrics={k: v for k, v in metrics.items() if k != "history"},
+                                    checkpoint="last", epoch=len(trainer.history)))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     title = f"{model_name} on {args.dataset}"
@@ -439,11 +443,48 @@ def _norm(ds):
     return {"mean": np.asarray(mean, dtype=float).tolist(), "std": np.asarray(std, dtype=float).tolist()}
 
 
-def _load_model(path):
+def _checkpoint_file(path, which):
+    """The checkpoint file `which` ("last" or "best") names for `path`: a run folder gives its model.npz
+    or model.best.npz; a file gives itself (last) or its best sibling (model.npz -> model.best.npz)."""
+    from .checkpoint import best_path
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.npz")
+    if which == "best" and not path.lower().endswith(".best.npz"):
+        best = best_path(path)
+        if not os.path.exists(best):
+            raise CLIError(f"--which best: there is no best checkpoint {best!r} beside {path!r} (gpu-cnn train "
+                           f"writes one; gpu_cnn.save does not)")
+        return best
+    return path
+
+
+def _load_model(path, which="last"):
     from .checkpoint import load
 
-    model = load(path)
-    return model, model.checkpoint_metadata
+    model = load(_checkpoint_file(path, which))
+    meta = model.checkpoint_metadata
+    _check_normalization(meta.get("normalization", {}), path)
+    return model, meta
+
+
+def _check_normalization(norm, path):
+    """The checkpoint's normalisation (mean, std): numbers, finite, std > 0; else a CLIError (a std of 0
+    made every probability NaN)."""
+    if not isinstance(norm, dict):
+        raise CLIError(f"{path}: the checkpoint's normalization metadata is not a mapping: {norm!r}")
+    for key, default in (("mean", 0.0), ("std", 1.0)):
+        value = norm.get(key, default)
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CLIError(f"{path}: the checkpoint's normalization {key} is not a number (or a list of numbers): "
+                           f"{value!r}") from None
+        if a.ndim > 1 or not np.isfinite(a).all():
+            raise CLIError(f"{path}: the checkpoint's normalization {key} must be finite numbers, got {value!r}")
+        if key == "std" and (a <= 0).any():
+            raise CLIError(f"{path}: the checkpoint's normalization std must be > 0, got {value!r} (dividing by it "
+                           f"would give NaN probabilities)")
 
 
 def _recorded_shape(meta, path):
@@ -461,7 +502,7 @@ def cmd_evaluate(args):
     from .trainer import Trainer
 
     _apply_backend(args)
-    model, meta = _load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint, args.which)
     if not args.dataset and not meta.get("dataset"):
         raise CLIError(f"{args.checkpoint}: the checkpoint does not record which dataset it was trained on "
                        f"(it was not written by gpu-cnn train); pass --dataset")
@@ -511,7 +552,7 @@ def cmd_predict(args):
     from .trainer import Trainer
 
     _apply_backend(args)
-    model, meta = _load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint, args.which)
     img = _read_image(args.image)
     shape = _recorded_shape(meta, args.checkpoint)
     if shape is None:
@@ -551,8 +592,12 @@ def _read_image(path):
     """A PNG (any format PIL reads, converted to grey, scaled to [0, 1]) or a .npy array -> float32,
     (H, W) or, for a 3-D .npy, (C, H, W); refused with a CLIError naming `path` if unreadable, empty or
     not finite."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise CLIError(f"{path}: a folder, not an image file (give one PNG or .npy)")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path}")
+    if not os.path.isfile(path):
+        raise CLIError(f"{path}: not a regular file (give one PNG or .npy)")
     if path.lower().endswith(".npy"):
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":  # else np.load would try it as a pickle and say so
@@ -606,6 +651,10 @@ def _grey(im):
             out = out.view(_Image)
             out.notes = notes
             return out
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey (Pillow's "I;16", or "I" in older versions): scaled by 65535, as 8-bit by 255
+        # (Pillow's own conversion to "L" clips values above 255 instead of scaling)
+        return (np.asarray(im, dtype=np.float64) / 65535.0).astype(np.float32)
     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
@@ -675,6 +724,12 @@ def cmd_bench(args):
 # --------------------------------------------------------------------------------------------------
 
 
+def _which_arg(p):
+    p.add_argument("--which", choices=("last", "best"), default="last",
+                   help="last (default): the model after the last good epoch (model.npz); best: the epoch with "
+                        "the lowest validation loss, else training loss (model.best.npz beside it)")
+
+
 def build_parser():
     import gpu_cnn
 
@@ -719,7 +774,8 @@ def build_parser():
 
     p = sub.add_parser("evaluate", help="accuracy of a saved model on a dataset's test split, per class",
                        formatter_class=fmt)
-    p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train")
+    p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train, or its run folder")
+    _which_arg(p)
     p.add_argument("--dataset", help="default: the dataset the model was trained on")
     p.add_argument("--data-dir", help="folder with the IDX files (mnist, fashion-mnist) (default: none)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
@@ -728,9 +784,10 @@ def build_parser():
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify one image (PNG or .npy)", formatter_class=fmt)
-    p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train")
-    p.add_argument("image", help="PNG (any size, converted to grey and resized; transparent ones composited) "
-                                 "or .npy (2-D array)")
+    p.add_argument("checkpoint", help="a model.npz written by gpu-cnn train, or its run folder")
+    _which_arg(p)
+    p.add_argument("image", help="PNG (any size, 8- or 16-bit, converted to grey and resized; transparent ones "
+                                 "composited) or .npy (2-D array)")
     p.add_argument("--raw", action="store_true", help=".npy is already normalised like the training data")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
                    help="invert the image (dark digit on light); default: detected from the image's border")

@@ -25,9 +25,13 @@ class Workspace:
         """A buffer of `shape` for `name`. Rows (axis 0) beyond the planned size trigger one new
         allocation sized for the larger batch; fewer rows return a view of the planned buffer."""
         shape = tuple(int(s) for s in shape)
+        if not shape:
+            raise ValueError(f"{self.owner or 'workspace'} buffer {name!r}: a planned buffer needs a batch "
+                             f"axis (N, ...), got a 0-d shape")
         buf = self._bufs.get(name)
         if buf is None or buf.dtype != np.dtype(dtype) or tuple(buf.shape[1:]) != shape[1:] or buf.shape[0] < shape[0]:
-            buf = _base.zeros(shape, dtype) if zero else _base.empty(shape, dtype)
+            what = f"{self.owner or 'workspace'} buffer {name!r}"
+            buf = _base.zeros(shape, dtype, what) if zero else _base.empty(shape, dtype, what)
             self._bufs[name] = buf
         return buf if buf.shape[0] == shape[0] else buf[: shape[0]]
 
@@ -51,6 +55,8 @@ class HostStaging:
 
     def to_backend(self, name, host, dtype=np.float32):
         host = np.asarray(host)
+        if np.dtype(dtype).kind == "f":  # the cast below would make finite values beyond float32 inf
+            _base.check_float32_range(name, host)
         if not _backend.uses_kernels():
             buf = self.ws.get(name, host.shape, dtype)
             np.copyto(buf, host, casting="same_kind" if np.dtype(dtype).kind == host.dtype.kind else "unsafe")

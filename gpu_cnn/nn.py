@@ -67,20 +67,24 @@ def _shape_of(a):
 
 def _host_array(name, a):
     """np.asarray(a), or a clear TypeError when `a` is not array-like (a str, None, a ragged list)."""
-    try:
-        arr = np.asarray(a)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{name}: expected an array of floats, got a {type(a).__name__} NumPy cannot "
-                        f"convert ({exc})") from None
-    if arr.dtype.kind in "OUSV" and not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected an array of floats, got a {type(a).__name__}")
-    return arr
+    return _base.host_array(name, a)
 
 
 def _kind_of(a):
     """How to describe a non-float argument in an error: its dtype, or its Python type."""
     dtype = getattr(a, "dtype", None)
     return f"dtype {np.dtype(dtype).name}" if dtype is not None else f"a {type(a).__name__}"
+
+
+class StateDictError(ValueError):
+    """A state_dict that does not fit the model (missing or unexpected names); a ValueError like every
+    other bad argument (it was a KeyError)."""
+
+
+def _init_weight(who, shape, std):
+    """Kaiming-normal weights of `shape`, the size checked before the (float64) draw allocates."""
+    _base.check_alloc(f"{who} weight", shape, np.float64)
+    return _rng.normal(0.0, std, shape)
 
 
 class Parameter:
@@ -325,7 +329,9 @@ class Module:
         return out
 
     def load_state_dict(self, state):
-        """Copy values in place. Missing, unexpected or wrongly shaped entries raise a clear error."""
+        """Copy values in place. Missing or unexpected names (:class:`StateDictError`, a ValueError),
+        wrongly shaped entries, NaN/Inf values and finite values beyond float32's range raise a clear
+        error naming the entry, as :func:`gpu_cnn.load` does; nothing is copied then."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state: expected a dict of arrays (name -> array), got {type(state).__name__}")
         own = dict(self.named_parameters())
@@ -333,9 +339,12 @@ class Module:
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
-            raise KeyError(f"state_dict does not match the model: missing {missing}, unexpected {extra}")
+            raise StateDictError(f"state_dict does not match the model: missing {missing}, unexpected {extra}")
         for name, p in own.items():
-            value = np.asarray(state[name])
+            try:
+                value = np.asarray(state[name])
+            except (ValueError, TypeError) as exc:  # a ragged list
+                raise TypeError(f"state_dict[{name!r}]: expected an array of {'integers' if getattr(p, 'integer', False) else 'floats'} ({exc})") from None
             if getattr(p, "integer", False):
                 if not np.issubdtype(value.dtype, np.integer):
                     raise TypeError(f"state_dict[{name!r}]: expected an integer count, got {value.dtype}")
@@ -343,6 +352,8 @@ class Module:
                 raise TypeError(f"state_dict[{name!r}]: expected floating values, got {value.dtype}")
             if value.shape != p.shape:
                 raise ValueError(f"state_dict[{name!r}]: expected shape {p.shape}, got {value.shape}")
+            _base.check_finite(f"state_dict[{name!r}]", value)
+            _base.check_float32_range(f"state_dict[{name!r}]", value)
         for name, p in own.items():
             p.assign(state[name])
 
@@ -359,6 +370,8 @@ def _sample_chw(who, in_shape):
     in_shape = tuple(in_shape)
     if len(in_shape) != 3:
         raise ValueError(f"{who} expects samples of shape (C, H, W) (batches (N, C, H, W)), got {in_shape}")
+    if min(in_shape) < 1:  # before any window check, which would blame kernel_size for an empty image
+        raise ValueError(f"{who} expects samples of shape (C, H, W) with C, H, W >= 1, got {in_shape}")
     return in_shape
 
 
@@ -406,7 +419,7 @@ class Conv2d(Module):
         bias = _flag("bias", bias)
         kh, kw = self.kernel_size
         fan_in = self.in_channels // self.groups * kh * kw
-        w = _rng.normal(0.0, np.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels // self.groups, kh, kw))
+        w = _init_weight("Conv2d", (self.out_channels, self.in_channels // self.groups, kh, kw), np.sqrt(2.0 / fan_in))
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(self.out_channels)) if bias else None
         self._x = None
@@ -823,7 +836,7 @@ class Linear(Module):
         self.in_features = positive_int("in_features", in_features)
         self.out_features = positive_int("out_features", out_features)
         bias = _flag("bias", bias)
-        w = _rng.normal(0.0, np.sqrt(2.0 / self.in_features), (self.out_features, self.in_features))
+        w = _init_weight("Linear", (self.out_features, self.in_features), np.sqrt(2.0 / self.in_features))
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(self.out_features)) if bias else None
         self._x = None
@@ -929,6 +942,9 @@ class Sequential(Module):
             host = _host_array("x", x)
             if not np.issubdtype(host.dtype, np.floating):
                 raise TypeError(f"x: expected a floating-point batch, got dtype {host.dtype.name}")
+            if host.ndim == 0:
+                raise ValueError("x: expected a batch (N, ...) such as (N, C, H, W), got a 0-d array (a scalar)")
+            _base.check_float32_range("x", host)
             h, self._host_io = self.staging.to_backend("input", host), True
         self._runs = _fusion.plan(self.layers)  # runs of layers one kernel computes (gpu_cnn.fusion)
         for i, _, run in self._runs:

@@ -18,7 +18,23 @@ from .ops import _base
 
 
 class TrainingError(RuntimeError):
-    """Training stopped (a NaN or infinite loss); the model holds the last good weights."""
+    """Training stopped (a non-finite loss or weight, or a diverging loss); the model holds the last
+    good weights."""
+
+
+# An epoch whose mean training loss exceeds this many times the reference (see Trainer) has diverged.
+DIVERGENCE_FACTOR = 100.0
+
+
+def _check_images(name, x):
+    """The one rule for images on the host, in fit, evaluate, train_step and predict: floating point,
+    finite, and within float32's range (the staging copy to float32 would make larger values inf)."""
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name}: images must be floating point, got {x.dtype}")
+    if x.size and not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))) if x.ndim else 1
+        raise ValueError(f"{name}: {bad} image(s) hold NaN or infinite values")
+    _base.check_float32_range(name, x)
 
 
 def _arrays(data, name):
@@ -31,7 +47,7 @@ def _arrays(data, name):
         x, y = data
     else:
         raise TypeError(f"{name}: expected a gpu_cnn.data.Dataset or an (images, labels) pair, got {type(data).__name__}")
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _base.host_array(f"{name} images", x), np.asarray(y)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name}: images must be floating point, got {x.dtype}")
     if x.ndim < 2:
@@ -44,9 +60,7 @@ def _arrays(data, name):
         raise ValueError(f"{name}: {x.shape[0]} images but {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise ValueError(f"{name}: no samples")
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
-        raise ValueError(f"{name}: {bad} image(s) hold NaN or infinite values")
+    _check_images(name, x)
     return x, y
 
 
@@ -62,6 +76,16 @@ class Trainer:
     optimizer: "sgd" (with ``momentum``), "adam" or "adamw"; seed: shuffling (and the validation split);
     val_split: fraction of the training data held out when ``fit`` gets no ``val_data``;
     progress: show a tqdm bar (default: only when stderr is a terminal);
+    checkpoint_path: where to save the model after every good epoch, the LAST checkpoint; the BEST one
+    so far (lowest validation loss, or training loss without validation data) goes beside it as
+    :func:`gpu_cnn.checkpoint.best_path` names it (``model.npz`` -> ``model.best.npz``). Their metadata
+    say which they are (``"checkpoint": "last"`` or ``"best"``, ``"selected_by"``, ``"epoch"``). A
+    failed or diverged epoch writes neither, so neither is ever replaced by a worse model;
+    divergence_factor: training stops with :class:`TrainingError`, restoring the last good epoch,
+    when a loss or a weight becomes NaN/inf, or when an epoch's mean training loss exceeds
+    ``divergence_factor`` × the reference: the larger of the first step's loss (the starting model's)
+    and ln(classes) (a uniform guess's). Default :data:`DIVERGENCE_FACTOR` (100); None turns the
+    loss test off (non-finite values still stop);
     progress_interval: seconds between the bar's refreshes of loss and accuracy (default 0.5). On the
     kernel backends ``fit`` keeps the loss sum, the correct count and a non-finite flag on the device and
     reads them only at these refreshes and at the end of an epoch, never every step (a NaN loss is then
@@ -74,7 +98,7 @@ class Trainer:
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None,
-                 progress_interval=0.5, distributed=None):
+                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5, distributed=None):
         from .nn import Module
         from .optim import OPTIMIZERS, make_optimizer
 
@@ -89,6 +113,13 @@ class Trainer:
         if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split: expected a fraction in [0, 1), got {val_split!r}")
         seed = None if seed is None else _int("seed", seed, 0)
+        if divergence_factor is not None and (
+                isinstance(divergence_factor, bool) or not isinstance(divergence_factor, numbers.Real)
+                or not (math.isfinite(divergence_factor) and divergence_factor > 1)):
+            raise ValueError(f"divergence_factor: expected a finite number > 1 or None, got {divergence_factor!r}")
+        self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
+        self._loss_ref = None  # the divergence test's reference, set on the first step
+        self._best = None  # (metric, epoch) of the best checkpoint written
         self.dp = _data_parallel(distributed)  # distributed hook: None on one process
         if self.dp:
             seed = self.dp.common_seed(seed)  # every rank shuffles alike, so the shards never overlap
@@ -107,10 +138,10 @@ class Trainer:
             raise ValueError(f"progress_interval: expected a positive number of seconds, got {progress_interval!r}")
         self.progress_interval = float(progress_interval)
         self.checkpoint_path = checkpoint_path
-        from .checkpoint import RESERVED_KEYS
+        from .checkpoint import RESERVED_KEYS, _check_metadata
 
-        self.metadata = dict(metadata or {})
-        reserved = sorted(set(self.metadata) & set(RESERVED_KEYS))
+        self.metadata = _check_metadata(metadata)  # a dict with str keys, named in the error otherwise
+        reserved = sorted(set(self.metadata) & (set(RESERVED_KEYS) | set(_RUN_KEYS)))
         if reserved:
             raise ValueError(f"metadata: key {reserved[0]!r} is reserved (the checkpoint writes it itself)")
         kw = {} if weight_decay is None else {"weight_decay": weight_decay}
@@ -136,6 +167,8 @@ class Trainer:
             if not _backend.uses_kernels():
                 raise TypeError("x: a device array needs the cuda (or sim) backend; on cpu pass a NumPy array")
             return x  # the first layer validates dtype, layout and shape
+        x = _base.host_array("x", x)
+        _check_images("x", x)  # fit's rule (fit checked its data already; this pass is cheap next to a step)
         return self.staging.to_backend("x", x)
 
     def _labels(self, y, classes):
@@ -212,6 +245,7 @@ class Trainer:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{name}: images of shape {x.shape[1:]} do not fit the model: {exc}") from None
         _base.check_class_ids(name, np.asarray(y), int(np.prod(out)), " (the model's outputs)")
+        return int(np.prod(out))
 
     def _snapshot(self):
         return self.model.state_dict(), self.optimizer.state_dict()
@@ -236,7 +270,7 @@ class Trainer:
             order = np.random.default_rng(self.seed).permutation(len(y))
             val_data = (x[order[:n_val]], y[order[:n_val]])
             x, y = x[order[n_val:]], y[order[n_val:]]
-        self._check_fits_model("train_data", x, y)
+        classes = self._check_fits_model("train_data", x, y)
         if val_data is not None:
             vx, vy = _arrays(val_data, "val_data")
             self._check_fits_model("val_data", vx, vy)
@@ -264,6 +298,11 @@ class Trainer:
                     seen += n_here
                     if on_device:  # nothing read back: the loss and the accuracy accumulate on the device
                         self._device_step(x[idx], y[idx], step)
+                        if self._loss_ref is None:  # one read in the Trainer's life: the first step's loss
+                            first, _, bad_step, bad_loss = self._read_metrics()
+                            if bad_step is not None:
+                                self._fail(epoch, bad_step, bad_loss, good)
+                            self._loss_ref = max(first / len(idx), math.log(max(classes, 2)))
                         refresh = not bar.disable and time.perf_counter() - shown >= self.progress_interval
                         if refresh or start + self.batch_size >= len(y):
                             total_loss, correct, bad_step, bad_loss = self._read_metrics()
@@ -274,6 +313,8 @@ class Trainer:
                             loss, ok = self.train_step(x[idx], y[idx])
                         if not math.isfinite(loss):
                             self._fail(epoch, step, loss, good)
+                        if self._loss_ref is None:
+                            self._loss_ref = max(loss, math.log(max(classes, 2)))
                         total_loss += loss * n_here
                         correct += ok if n_here else 0
                         refresh = not bar.disable
@@ -285,9 +326,13 @@ class Trainer:
                     total_loss, correct, seen = self.dp.sum_metrics(total_loss, correct, seen)
                 row = {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
                        "seconds": time.perf_counter() - t0}
+                snapshot = self._snapshot()
+                self._check_diverged(epoch, row["train_loss"], snapshot, good)
                 if val_data is not None:
                     m = self.evaluate(val_data)
                     row.update(val_loss=m["loss"], val_acc=m["accuracy"])
+                    if not math.isfinite(m["loss"]):
+                        self._diverged(epoch, f"the validation loss became {m['loss']}", good)
                 if self.checkpoint_path:
                     self._save(row)
             except TrainingError:
@@ -300,7 +345,7 @@ class Trainer:
             finally:
                 bar.close()
             self.history.append(row)
-            good = self._snapshot()
+            good = snapshot
         return self.history
 
     def evaluate(self, data):
@@ -328,11 +373,12 @@ class Trainer:
 
     def predict(self, x):
         """Class probabilities (host, float32) for a batch of images (N, C, H, W)."""
-        x = np.asarray(x)
+        x = _base.host_array("x", x)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"x: images must be floating point, got {x.dtype}")
         if x.ndim < 2:
             raise ValueError(f"x: expected a batch of images (N, ...) (one image: x[None]), got shape {x.shape}")
+        _check_images("x", x)  # as fit: NaN images would give NaN probabilities
         try:
             classes = int(np.prod(self.model.output_shape(x.shape[1:])))
         except ValueError as exc:
@@ -361,21 +407,39 @@ class Trainer:
         return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not show)
 
     def _save(self, row):
-        from .checkpoint import save
+        """Write the last checkpoint, and the best one when this epoch is the best so far."""
+        from .checkpoint import best_path, save
 
         if self.dp and not self.dp.is_root:  # distributed hook: only rank 0 writes
             return
-
-        meta = dict(self.metadata, epoch=row["epoch"], metrics=row, backend=_backend.get_backend())
-        save(self.model, self.checkpoint_path, metadata=meta)
+        by = "val_loss" if "val_loss" in row else "train_loss"
+        meta = dict(self.metadata, epoch=row["epoch"], metrics=row, backend=_backend.get_backend(),
+                    selected_by=by)
+        save(self.model, self.checkpoint_path, metadata=dict(meta, checkpoint="last"))
         self._saved = True
+        if self._best is None or row[by] < self._best[0]:
+            save(self.model, best_path(self.checkpoint_path), metadata=dict(meta, checkpoint="best"))
+            self._best = (row[by], row["epoch"])
+
+    def _check_diverged(self, epoch, loss, snapshot, good):
+        """Stop on non-finite weights, or an epoch loss divergence_factor × above the reference."""
+        for name, value in snapshot[0].items():
+            if not np.isfinite(value).all():
+                self._diverged(epoch, f"weight {name!r} became NaN or infinite", good)
+        if self.divergence_factor is not None and loss > self.divergence_factor * self._loss_ref:
+            self._diverged(epoch, f"the mean training loss {loss:.6g} is more than divergence_factor="
+                                  f"{self.divergence_factor:g} times the reference {self._loss_ref:.6g} (the "
+                                  f"larger of the first step's loss and ln(classes))", good)
 
     def _fail(self, epoch, step, loss, good):
+        self._diverged(epoch, f"loss became {loss} at epoch {epoch}, step {step}", good)
+
+    def _diverged(self, epoch, what, good):
         self._restore(good)
         where = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self._saved else ""
         raise TrainingError(
-            f"loss became {loss} at epoch {epoch}, step {step}: training stopped and the model and the optimizer "
-            f"were restored to where they were before epoch {epoch}{where}. Try a lower learning rate "
+            f"{what}: training stopped (epoch {epoch} diverged) and the model and the optimizer were restored "
+            f"to where they were before epoch {epoch}{where}. Try a lower learning rate "
             f"(lr={self.optimizer.lr}): set trainer.optimizer.lr and call fit again."
         )
 
@@ -389,6 +453,10 @@ def _data_parallel(distributed):
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed: expected True, False or None, got {distributed!r}")
     return dist.DataParallel() if distributed else None
+
+
+# metadata keys the Trainer writes into its checkpoints itself
+_RUN_KEYS = ("checkpoint", "selected_by")
 
 
 def _host(a):

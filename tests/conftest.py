@@ -30,6 +30,8 @@ SIMCHECK_FILES = {
     "test_softmax.py",
     "test_optim.py",
     "test_metrics.py",
+    "test_conv_general.py",
+    "test_norm.py",
 }
 if os.environ.get("GPU_CNN_SIMCHECK", "").strip() == "1":
     import gpu_cnn.simcheck  # noqa: E402,F401  (hooks every simulator launch; refuses on a real GPU)

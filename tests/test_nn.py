@@ -171,9 +171,11 @@ def test_load_state_dict_rules(cpu_backend):
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(b.state_dict()[k], v)
     sd = a.state_dict()
-    with pytest.raises(KeyError, match=r"missing \['8.bias'\]"):
+    with pytest.raises(nn.StateDictError, match=r"missing \['8.bias'\]") as info:  # a ValueError, not KeyError
         b.load_state_dict({k: v for k, v in sd.items() if k != "8.bias"})
-    with pytest.raises(KeyError, match=r"unexpected \['9.weight'\]"):
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, KeyError)
+    assert str(info.value).startswith("state_dict does not match")  # the message as it was, not KeyError's quoted repr
+    with pytest.raises(ValueError, match=r"unexpected \['9.weight'\]"):
         b.load_state_dict(dict(sd, **{"9.weight": np.zeros(3)}))
     with pytest.raises(ValueError, match=r"state_dict\['0.weight'\]: expected shape \(3, 1, 3, 3\)"):
         b.load_state_dict(dict(sd, **{"0.weight": np.zeros((3, 1, 2, 2))}))

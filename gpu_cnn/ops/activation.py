@@ -10,7 +10,7 @@ pre-activation in place and keep only the output.
 import numpy as np
 
 from .. import backend as _backend
-from ._base import as_input, check_out, check_shape, empty, result
+from ._base import as_input, check_no_overlap, check_out, check_shape, empty, result
 
 
 def relu(x, *, out=None):
@@ -20,6 +20,7 @@ def relu(x, *, out=None):
     """
     x, on_host = as_input("x", x)
     y = empty(x.shape) if out is None else check_out("out", out, x.shape)
+    check_no_overlap([("out", y)], [("x", x)], in_place=[("out", "x")])
 
     if not _backend.uses_kernels():
         np.maximum(x, np.float32(0.0), out=y)
@@ -33,16 +34,21 @@ def relu(x, *, out=None):
 def relu_backward(dy, x, *, out=None):
     """dx = dy where x > 0, else 0. ``x`` is the ReLU input, or equally its output (``y > 0`` iff ``x > 0``).
 
-    dy and x have the same (any) shape; ``out`` may be dy itself (in place). Host float64 input is
+    0 where x <= 0 (or x is NaN) even when dy there is NaN or inf, on every backend. dy and x have the
+    same (any) shape; ``out`` may be dy or x itself (in place), not another view of either. Host float64 input is
     computed in float32.
     """
     dy, on_host = as_input("dy", dy)
     x, _ = as_input("x", x)
     check_shape("x", x, dy.shape)
     dx = empty(dy.shape) if out is None else check_out("out", out, dy.shape)
+    check_no_overlap([("out", dx)], [("dy", dy), ("x", x)], in_place=[("out", "dy"), ("out", "x")])
 
     if not _backend.uses_kernels():
-        np.multiply(dy, x > 0, out=dx)
+        off = ~(x > 0)  # before dx is written: dx may be x itself
+        if dx is not dy:
+            np.copyto(dx, dy)
+        dx[off] = 0  # 0 where x <= 0 whatever dy holds (NaN * 0 would be NaN), as the kernels do
         return dx
     from ..kernels import activation as kact
 
@@ -63,6 +69,7 @@ def bias_relu(x, b, *, out=None):
     b, _ = as_input("b", b, 1, "(C,) or (F,)")
     check_shape("b", b, (x.shape[1],))
     y = empty(x.shape) if out is None else check_out("out", out, x.shape)
+    check_no_overlap([("out", y)], [("x", x), ("b", b)], in_place=[("out", "x")])
 
     if not _backend.uses_kernels():
         np.add(x, b.reshape((1, -1) + (1,) * (x.ndim - 2)), out=y)

@@ -52,7 +52,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import backend as _backend
-from ._base import as_input, check_out, check_version, empty, pair, result
+from ._base import as_input, check_alloc, check_no_overlap, check_out, check_version, empty, pair, result
 
 _X_LAYOUT = "(N, C_in, H, W)"
 _W_LAYOUT = "(C_out, C_in, kH, kW)"
@@ -123,6 +123,7 @@ def _scratch(tag, shape):
     if buf is not None:
         cache.move_to_end(key)
         return buf
+    check_alloc(f"conv2d scratch ({tag})", shape)
     buf = np.empty(shape, np.float32)
     cache[key] = buf
     while len(cache) > 1 and (len(cache) > _SCRATCH_ENTRIES
@@ -294,6 +295,7 @@ def _conv2d_plain(x, w, b, s, p, out, version):
             raise ValueError(f"b: expected shape ({out_shape[1]},), one value per output channel of w "
                              f"{tuple(w.shape)}, got {tuple(b.shape)}")
     y = empty(out_shape) if out is None else check_out("out", out, out_shape)
+    check_no_overlap([("out", y)], [("x", x), ("w", w), ("b", b)])
 
     if not _backend.uses_kernels():
         _cpu_forward(x, w, b, s, p, y)
@@ -349,6 +351,7 @@ def _conv2d_backward_plain(dy, x, w, s, p, out, need_dx, bias, version):
         raise ValueError(f"dy: expected shape {out_shape} (the output of x {tuple(x.shape)} with w "
                          f"{tuple(w.shape)}, stride {s}, padding {p}), got {tuple(dy.shape)}")
     dx, dw, db = _backward_outs(out, x.shape, w.shape, out_shape[1], need_dx, bias)
+    check_no_overlap([("out[0] (dx)", dx), ("out[1] (dw)", dw), ("out[2] (db)", db)], [("dy", dy), ("x", x), ("w", w)])
 
     if not _backend.uses_kernels():
         _cpu_backward(dy, x, w, s, p, dx, dw, db)

@@ -14,7 +14,7 @@ arrives, reused after that, so a training loop allocates nothing per step).
 import numpy as np
 
 from .. import backend as _backend
-from ._base import as_input, check_out, check_shape, check_version, empty, is_device_array, result
+from ._base import as_input, check_no_overlap, check_out, check_shape, check_version, empty, is_device_array, result
 
 _W_LAYOUT = "(out_features, in_features)"
 
@@ -88,6 +88,7 @@ def linear(x, w, b=None, *, out=None, version=None, workspace=None):
         check_shape("b", b, (fout,))
     y = empty(lead + (fout,)) if out is None else check_out("out", out, lead + (fout,))
     x2, y2 = _rows(x, lead), _rows(y, lead)
+    check_no_overlap([("out", y)], [("x", x), ("w", w), ("b", b)])
 
     if not _backend.uses_kernels():
         np.matmul(x2, w.T, out=y2)
@@ -132,6 +133,7 @@ def linear_backward(dy, x, w, *, out=None, bias=True, need_dx=True, version=None
     dw = empty((fout, fin)) if out[1] is None else check_out("out[1] (dw)", out[1], (fout, fin))
     if bias:
         db = empty((fout,)) if out[2] is None else check_out("out[2] (db)", out[2], (fout,))
+    check_no_overlap([("out[0] (dx)", dx), ("out[1] (dw)", dw), ("out[2] (db)", db)], [("dy", dy), ("x", x), ("w", w)])
     dy2, x2 = _rows(dy, lead), _rows(x, lead)
     dx2 = None if dx is None else _rows(dx, lead)
 

@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import backend as _backend
 from ._base import (
-    _as_cuda_array, as_input, check_out, check_shape, check_version, empty, is_device_array, pair, result,
+    _as_cuda_array, as_input, check_no_overlap, check_out, check_shape, check_version, empty, is_device_array, pair, result,
     to_device,
 )
 
@@ -293,6 +293,7 @@ def max_pool2d(x, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode=F
             raise TypeError("out: expected a tuple (y, idx) of a float32 and an int32 array")
         y = check_out("out[0] (y)", out[0], out_shape)
         idx = check_out("out[1] (idx)", out[1], out_shape, dtype=INDEX)
+    check_no_overlap([("out[0] (y)", y), ("out[1] (idx)", idx)], [("x", x)])
 
     if not _backend.uses_kernels():
         plain = out_shape == _out_shape(tuple(x.shape), k, s, p) and d == (1, 1)
@@ -333,6 +334,7 @@ def max_pool2d_backward(dy, idx, x_shape, kernel_size=2, stride=None, padding=0,
     check_shape("dy", dy, out_shape)
     idx = _as_index("idx", idx, out_shape, x_shape, k, s, p, check_windows=check_idx, d=d)
     dx = empty(x_shape) if out is None else check_out("out", out, x_shape)
+    check_no_overlap([("out", dx)], [("dy", dy), ("idx", idx)])
 
     if not _backend.uses_kernels():
         if not dx.flags.c_contiguous:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backend as _backend
 from . import _base
-from ._base import as_input, check_out, check_version, empty, is_device_array, result, to_device
+from ._base import as_input, check_no_overlap, check_out, check_version, empty, is_device_array, result, to_device
 
 REDUCTIONS = ("mean", "sum", "none")
 # = gpu_cnn.kernels.softmax.VERSIONS (not imported from there on cpu; the tests check the two agree)
@@ -166,6 +166,8 @@ def softmax_cross_entropy(logits, labels, weight=None, ignore_index=-100, label_
     probs, loss_buf = _split_out(out, shape, rows)
     if probs is None:
         probs = empty(shape)
+    check_no_overlap([("out (probs)", probs), ("out (loss_buf)", loss_buf)], [("logits", logits), ("labels", y_dev), ("weight", w_dev)],
+                     in_place=[("out (probs)", "logits")])
     valid, ys, a, a_sum = _norm(y_host, w_host, ignore_index)
     divisor = {"mean": a_sum, "sum": 1.0, "none": 1.0}[reduction]
 
@@ -240,6 +242,7 @@ def softmax_cross_entropy_backward(probs, labels, weight=None, ignore_index=-100
     rows = y_host.shape[0]
     shape = tuple(probs.shape)
     d = empty(shape) if out is None else check_out("out", out, shape)
+    check_no_overlap([("out", d)], [("probs", probs), ("labels", y_dev), ("weight", w_dev)], in_place=[("out", "probs")])
     valid, ys, a, a_sum = _norm(y_host, w_host, ignore_index)
     g = None
     if grad is not None:

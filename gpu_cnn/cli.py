@@ -16,8 +16,8 @@ DEFAULTS = {  # the embedded default run: sklearn's digits, no download, no GPU 
 # The learning rate each optimizer gets when --lr is not given (they need different scales).
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003}
 
-MODEL_FITS = ("digits_cnn fits 8×8 (digits) and 10×10 (synthetic) images; lenet5 fits 28×28 (mnist, fashion-mnist) "
-              "and adapts to small images (digits); resnet8 and mobilenet_tiny take any size")
+MODEL_FITS = ("digits_cnn fits 8×8 (digits) and 10×10 (synthetic) images, lenet5 28×28 (mnist, fashion-mnist; it "
+              "adapts to small images such as the digits), resnet8 and mobilenet_tiny any size")
 
 
 # The input each built-in model was designed for (channels, height, width).

@@ -255,7 +255,7 @@ def test_cli_evaluate_and_predict_take_last_or_best(cpu_backend, tmp_path, small
     Trainer(models.digits_cnn(seed=0), lr=1e-3, batch_size=32, progress=False, checkpoint_path=str(ckpt),
             metadata={"dataset": "digits", "input_shape": [1, 8, 8]}).fit(train, epochs=2)
     for which in ("last", "best"):
-        assert main(["evaluate", str(tmp_path), "--which", which, "--backend", "cpu"]) == 0
+        assert main(["evaluate", str(tmp_path), "--which", which, "--backend", "cpu", "--json"]) == 0
         assert "test_accuracy" in capsys.readouterr().out
     np.save(tmp_path / "img.npy", train[0][0, 0])
     assert main(["predict", str(ckpt), str(tmp_path / "img.npy"), "--which", "best", "--backend", "cpu"]) == 0

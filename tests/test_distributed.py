@@ -238,7 +238,7 @@ def test_cli_nproc_2_matches_one_process(tmp_path, cpu_backend):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("GPU_CNN_BACKEND", None)
-    args = ["train", "--epochs", "1", "--quiet", "--backend", "cpu"]
+    args = ["train", "--epochs", "1", "--backend", "cpu"]  # not --quiet: rank 0's summary line is checked
     proc = subprocess.run([sys.executable, "-m", "gpu_cnn.cli", *args, "--nproc", "2", "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

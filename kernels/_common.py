@@ -219,7 +219,8 @@ def _simulator_warp_shuffles():
         if int(mask) & 0xFFFFFFFF != 0xFFFFFFFF:
             raise NotImplementedError("simulated warp shuffles support only the full mask 0xffffffff")
         t = threading.current_thread()
-        manager = t._manager
+        # the simulator's BlockThread keeps its block in _manager; gpu_cnn.simcheck's checked threads in block
+        manager = t._manager if hasattr(t, "_manager") else t.block
         with lock:
             posted = manager.__dict__.setdefault("_gpu_cnn_shuffle", {})
         tid = t.thread_id

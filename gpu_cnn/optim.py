@@ -59,6 +59,19 @@ def _flag(name, value):
     return bool(value)
 
 
+def _backend_array(name, a, on_kernels):
+    """`a` as an array of the backend's kind (a device array, converted from CuPy/PyTorch, on cuda/sim; a
+    NumPy array on cpu), else a TypeError naming `name`."""
+    if on_kernels:
+        if not _base.is_device_array(a):
+            raise TypeError(f"{name}: expected a device array on backend {_backend.get_backend()!r}, "
+                            f"got {type(a).__name__}")
+        return _base._as_cuda_array(a)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array on backend 'cpu', got {type(a).__name__}")
+    return a
+
+
 def _pairs(params, on_kernels):
     """Validate (param, grad) pairs; returns [(param, grad, flat param, flat grad)] (flat: views, no copy)."""
     if isinstance(params, (np.ndarray, str, bytes)) or _base.is_device_array(params):
@@ -69,7 +82,6 @@ def _pairs(params, on_kernels):
         raise TypeError(f"params: expected a list of (param, grad) pairs, got {type(params).__name__}") from None
     if not params:
         raise ValueError("params: got an empty list; the optimizer needs at least one (param, grad) pair")
-    where = _backend.get_backend()
     seen = []  # (index, (first byte, end)) of each non-empty param
     out = []
     for i, item in enumerate(params):
@@ -80,12 +92,7 @@ def _pairs(params, on_kernels):
         arrays = []
         for role, a in zip(("param", "grad"), item):
             name = f"params[{i}] {role}"
-            if on_kernels:
-                if not _base.is_device_array(a):
-                    raise TypeError(f"{name}: expected a device array on backend {where!r}, got {type(a).__name__}")
-                a = _base._as_cuda_array(a)
-            elif not isinstance(a, np.ndarray):
-                raise TypeError(f"{name}: expected a NumPy array on backend 'cpu', got {type(a).__name__}")
+            a = _backend_array(name, a, on_kernels)
             if np.dtype(a.dtype) != _base.FLOAT:
                 raise TypeError(f"{name}: expected float32, got {np.dtype(a.dtype).name}")
             contiguous = a.is_c_contiguous() if on_kernels else a.flags.c_contiguous
@@ -119,12 +126,7 @@ def _flat_pair(flat, params, on_kernels):
     arrays = []
     for role, a in zip(("params", "grads"), flat):
         name = f"flat {role}"
-        if on_kernels:
-            if not _base.is_device_array(a):
-                raise TypeError(f"{name}: expected a device array, got {type(a).__name__}")
-            a = _base._as_cuda_array(a)
-        elif not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a NumPy array on backend 'cpu', got {type(a).__name__}")
+        a = _backend_array(name, a, on_kernels)
         if np.dtype(a.dtype) != _base.FLOAT or len(a.shape) != 1:
             raise ValueError(f"{name}: expected a 1-D float32 buffer, got {np.dtype(a.dtype).name} of shape "
                              f"{tuple(a.shape)}")

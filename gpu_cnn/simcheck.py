@@ -35,9 +35,15 @@ On the ``cpu`` backend it is a no-op (no kernel runs); on ``cuda`` it refuses (t
 compute-sanitizer: ``--tool memcheck|racecheck|synccheck|initcheck``; ``benchmarks/run_gpu.sh``
 runs memcheck and racecheck over the kernels).
 
-Limits: global-memory ordering between blocks through ``threadfence`` and an atomic flag (the
-"last block reduces" pattern) is not modelled and would be reported as a race; local arrays are not
-checked; the memory model is the simulator's (no warp-synchronous execution).
+Ordering between blocks: only through ``cuda.threadfence()`` and an atomic (the "last block reduces"
+pattern). A thread's ``threadfence()`` covers its own global writes before it; an atomic on an element
+by a block releases what its threads had fenced before it (the atomic's own thread in the same
+barrier interval, the others in earlier ones: fence, ``syncthreads()``, then the atomic); a later
+atomic on that element by another block acquires every release made on it so far, for the acquiring
+thread at once and for its whole block after its next barrier. Any other access by another block to
+an element one wrote is a race, as before. Limits: a write after the fence in the fencing thread's
+barrier interval also counts as released; local arrays are not checked; the memory model is the
+simulator's (no warp-synchronous execution).
 """
 import contextlib
 import functools
@@ -335,9 +341,46 @@ class _Mem:
         self.launch = launch
 
 
-def _conflict(rec, b, t, e):
-    """rec and the access (b, t, e) are unordered: other block, or other thread in the same epoch."""
-    return rec[0] != b or (rec[1] != t and rec[2] == e)
+def _conflict(rec, b, t, e, launch=None):
+    """rec and the access (b, t, e) are unordered: other block (unless a release/acquire through an
+    atomic orders them, see the module docstring), or other thread in the same epoch."""
+    if rec[0] != b:
+        return launch is None or not _acquired(launch, rec, b, t, e)
+    return rec[1] != t and rec[2] == e
+
+
+def _acquired(launch, rec, b, t, e):
+    """Another block's access rec is ordered before (b, t, e): block b acquired a release that covers it."""
+    for b_w, fenced, t_a, e_a in launch.acquired.get(b, ()):
+        if b_w == rec[0] and (t == t_a or e > e_a):
+            f = fenced.get(rec[1])
+            if f is not None and rec[2] <= f:
+                return True
+    return False
+
+
+def _fence():
+    """cuda.threadfence() by this thread: its global writes so far are covered by its block's next release."""
+    th = threading.current_thread()
+    th.block.fences[th.tid] = th.block.epoch
+
+
+def _release_acquire(arr, bo, th):
+    """An atomic on arr's element at bo by thread th: acquire the releases made on it by other blocks,
+    then release what th's block has fenced (see the module docstring)."""
+    mem = arr._mem
+    if mem.shared:
+        return
+    launch, blk = th.block.launch, th.block
+    key = (id(mem), bo // mem.g)
+    with launch.lock:
+        released = launch.releases.setdefault(key, [])
+        for b_w, fenced in released:
+            if b_w != th.blk:
+                launch.acquired.setdefault(th.blk, []).append((b_w, fenced, th.tid, blk.epoch))
+        fenced = {t: e for t, e in blk.fences.items() if e < blk.epoch or t == th.tid}
+        if fenced:
+            released.append((th.blk, fenced))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,16 +545,17 @@ def _read(arr, bo, th, f, idx):
     k = bo // mem.g
     blk = th.block
     b, t, e = th.blk, th.tid, blk.epoch
+    lc = None if mem.shared else mem.launch
     with mem.lock:
         w = mem.W.get(k)
-        if w is not None and _conflict(w, b, t, e):
+        if w is not None and _conflict(w, b, t, e, lc):
             _race(arr, bo, th, f, w, "read", "write")
         a = mem.A.get(k)
         if a is not None:
-            if _conflict(a, b, t, e):
+            if _conflict(a, b, t, e, lc):
                 _race(arr, bo, th, f, a, "read", "write")
             a2 = mem.A2.get(k)
-            if a2 is not None and _conflict(a2, b, t, e):
+            if a2 is not None and _conflict(a2, b, t, e, lc):
                 _race(arr, bo, th, f, a2, "read", "write")
         elif w is None and (mem.shared or (mem.mask is not None and not mem.mask[bo])):
             if blk.pending is None:  # reported at the next barrier or block end, unless a race comes first
@@ -528,13 +572,14 @@ def _write(arr, bo, th, f, idx, atomic):
     blk = th.block
     b, t, e = th.blk, th.tid, blk.epoch
     mine = "atomic" if atomic else "write"
+    lc = None if mem.shared else mem.launch
     with mem.lock:
         w = mem.W.get(k)
-        if w is not None and _conflict(w, b, t, e):
+        if w is not None and _conflict(w, b, t, e, lc):
             _race(arr, bo, th, f, w, mine, "write", atomic)
         for rd in (mem.R, mem.R2):
             r = rd.get(k)
-            if r is not None and _conflict(r, b, t, e):
+            if r is not None and _conflict(r, b, t, e, lc):
                 _race(arr, bo, th, f, r, mine, "read", atomic)
         rec = (b, t, e, f.f_code, f.f_lineno, atomic)
         a = mem.A.get(k)
@@ -547,10 +592,10 @@ def _write(arr, bo, th, f, idx, atomic):
             mem.A[k] = rec
         else:
             if a is not None:
-                if _conflict(a, b, t, e):
+                if _conflict(a, b, t, e, lc):
                     _race(arr, bo, th, f, a, mine, "write", True)
                 a2 = mem.A2.get(k)
-                if a2 is not None and _conflict(a2, b, t, e):
+                if a2 is not None and _conflict(a2, b, t, e, lc):
                     _race(arr, bo, th, f, a2, mine, "write", True)
             mem.W[k] = rec
 
@@ -612,7 +657,9 @@ def _make_atomic_class():
                 bo = array._locate(index, f)
                 if bo is None:
                     raise TypeError(f"cuda.atomic.{name}: index {index!r} does not name one element of {array._name}")
-                _write(array, bo, threading.current_thread(), f, index, True)
+                th = threading.current_thread()
+                _write(array, bo, th, f, index, True)
+                _release_acquire(array, bo, th)
                 return impl(self, array._a, index, *vals)
             return impl(self, array, index, *vals)
 
@@ -626,7 +673,9 @@ def _make_atomic_class():
         if isinstance(array, _CheckedArray):
             f = sys._getframe(1)
             index = (0,) * array._nd
-            _write(array, array._locate(index, f), threading.current_thread(), f, index, True)
+            th, bo = threading.current_thread(), array._locate(index, f)
+            _write(array, bo, th, f, index, True)
+            _release_acquire(array, bo, th)
             return base.compare_and_swap(self, array._a, old, val)
         return base.compare_and_swap(self, array, old, val)
 
@@ -648,6 +697,12 @@ def _make_module_class():
 
         def syncthreads(self):
             threading.current_thread().block.barrier(None)
+
+        def threadfence(self):
+            _fence()
+
+        def threadfence_system(self):
+            _fence()
 
         def syncthreads_count(self, val):
             return threading.current_thread().block.barrier(val)[0]
@@ -748,6 +803,7 @@ class _Block:
         self.error = None
         self.progress = 0
         self.pending = None  # first uninitialized read, reported at the next barrier or block end
+        self.fences = {}  # thread -> epoch of its last cuda.threadfence()
 
     def _thread(self, th):
         return _Report(self.launch).thread(th.blk, th.tid)
@@ -881,6 +937,8 @@ class _Launch:
         self.nthreads = int(np.prod(block_dim))
         self.lock = threading.Lock()
         self.mems = {}  # id(owner) -> (owner, _Mem)
+        self.releases = {}  # (id(_Mem), element) -> [(block, {thread: epoch of its fence})] by atomics there
+        self.acquired = {}  # block -> [(releasing block, {thread: fence epoch}, acquiring thread, its epoch)]
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):

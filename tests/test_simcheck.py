@@ -289,6 +289,52 @@ def spin_at_barrier(stop, out):
     out[t] = t
 
 
+@cuda.jit
+def last_block_sums(x, part, count, out, fence, by_ticket):
+    # "last block reduces": each block writes its partial row, fences, and takes a ticket; the block that
+    # draws the last ticket sums the rows in block order and resets the counter for the next launch
+    last = cuda.shared.array(1, np.int32)
+    t = cuda.threadIdx.x
+    b = cuda.blockIdx.x
+    part[b, t] = x[b * N + t] * 2
+    if fence:
+        cuda.threadfence()
+    cuda.syncthreads()
+    if t == 0:
+        ticket = cuda.atomic.add(count, 0 if by_ticket else 1 + b, 1)
+        last[0] = 1 if ticket == cuda.gridDim.x - 1 or not by_ticket and b == cuda.gridDim.x - 1 else 0
+        if last[0]:
+            cuda.atomic.exch(count, 0, 0)
+    cuda.syncthreads()
+    if last[0]:
+        cuda.threadfence()
+        acc = float32(0)
+        for k in range(cuda.gridDim.x):
+            acc += part[k, t]
+        out[t] = acc
+
+
+def _last_block_args(rng, blocks):
+    x = rng.standard_normal(blocks * N).astype(np.float32)
+    return x, np.zeros((blocks, N), np.float32), np.zeros(1 + blocks, np.int32), np.zeros(N, np.float32)
+
+
+def test_last_block_reduction_without_threadfence_is_a_race(kernel_backend, rng):
+    """The partials are read by the last block, but no thread fenced its write before the ticket: the
+    atomic releases nothing, so the read races with the other block's write."""
+    args = _last_block_args(rng, 3)
+    msg = _caught("race", lambda: last_block_sums[3, N](*args, 0, 1))
+    assert "argument 'part'" in msg and "different blocks" in msg
+
+
+def test_last_block_reading_without_acquiring_is_a_race(kernel_backend, rng):
+    """Fenced writes, but each block takes its ticket on its own counter element: the last block
+    acquires no other block's release, and its read races."""
+    args = _last_block_args(rng, 3)
+    msg = _caught("race", lambda: last_block_sums[3, N](*args, 1, 0))
+    assert "argument 'part'" in msg
+
+
 def test_deadlock_times_out_instead_of_hanging(kernel_backend, monkeypatch):
     monkeypatch.setenv(simcheck.TIMEOUT_ENV_VAR, "1")
     stop = cuda.to_device(np.zeros(1, np.int32))
@@ -439,6 +485,16 @@ def test_atomics_on_one_element_pass(checked, rng):
     out = np.zeros(1, np.float32)
     atomic_total[3, N](x, out)
     assert out[0] == np.sum(x.astype(np.float64))
+
+
+def test_last_block_reduction_with_fence_and_ticket_passes(checked, rng):
+    """Fenced partials, one ticket counter: the last block's reads are ordered after every block's
+    writes; the counter is back at 0 for the next launch, which passes too (same sum)."""
+    x, part, count, out = _last_block_args(rng, 4)
+    for _ in range(2):
+        last_block_sums[4, N](x, part, count, out, 1, 1)
+        np.testing.assert_allclose(out, 2 * x.reshape(4, N).astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+        assert count[0] == 0
 
 
 def test_one_writer_all_readers_after_barrier_passes(checked):

@@ -3,14 +3,17 @@
     Conv2d -> ReLU -> MaxPool2d(2)   one kernel (kernels.conv2d ``fused``): conv + bias + ReLU + 2x2 max
                                      pool, writing the pooled output and its argmax, never the conv output
     Conv2d -> ReLU                   the implicit-GEMM conv with bias and ReLU in its epilogue
-    (Linear -> ReLU is not fused: the dense GEMM has no ReLU epilogue yet)
+    Linear -> ReLU                   the dense GEMM (kernels.gemm split_k_ticket, one launch) with bias
+                                     and ReLU in its epilogue; a Linear alone gets its bias there too
 
 :func:`plan` cuts a layer list into runs; each run has ``forward(x)`` and ``backward(dy)`` like a layer,
 uses the layers' own parameters and workspaces, and gives the unfused layers' results (to float32
 rounding; the state_dict is unchanged; a batch too large for the kernels' 32-bit offsets runs the
 layers unfused). Backward needs no pre-activation: where the 2x2 window's maximum
 is > 0 the ReLU passed it, so dy masked by (pooled > 0) and routed through the argmax is the gradient of
-the conv output; without the pool, the ReLU output itself is the mask.
+the conv output; without the pool, the ReLU output itself is the mask. Linear -> ReLU's backward reads
+dy through that mask inside its two GEMMs (dx, and dw with db as an extra column): no ReLU-backward
+launch, no masked copy.
 
 Fusion is on by default on ``cuda`` (where the conv2d dispatcher picks implicit_gemm, for the same
 reason) and off on ``sim`` (each fused kernel is an implicit GEMM, which the simulator runs slowly) and
@@ -54,7 +57,7 @@ def _pool_2x2(pool):
 
 def plan(layers):
     """[(start, stop, run)] covering ``layers`` in order: a run is a layer, or a fused run of several."""
-    from .nn import Conv2d, MaxPool2d, ReLU
+    from .nn import Conv2d, Linear, MaxPool2d, ReLU
 
     on = enabled()
     runs, i = [], 0
@@ -67,6 +70,10 @@ def plan(layers):
             else:
                 runs.append((i, i + 2, ConvReLU(a, layers[i + 1])))
                 i += 2
+            continue
+        if on and type(a) is Linear and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+            runs.append((i, i + 2, LinearReLU(a, layers[i + 1])))
+            i += 2
             continue
         runs.append((i, i + 1, a))
         i += 1
@@ -166,3 +173,38 @@ class ConvReLUPool(_Run):
         F.max_pool2d_backward(masked, pool._idx, self._conv_shape, 2, 2, 0, out=dconv, check_idx=False)
         conv._y_shape = self._conv_shape
         return conv.backward(dconv)
+
+
+class LinearReLU(_Run):
+    """Linear -> ReLU: one GEMM with bias and max(., 0) in its epilogue; backward masks dy by the stored
+    output inside the dx and dw GEMMs (db folded into dw's), so the ReLU costs no launch either way."""
+
+    def __init__(self, linear, relu):
+        self.linear, self.relu = linear, relu
+        self.layers = (linear, relu)
+
+    def forward(self, x):
+        from .ops import dense
+
+        self._unfused = False
+        lin, relu = self.linear, self.relu
+        lin._begin_forward(x)
+        relu._y_shape = relu._x = None
+        lin._x = None
+        lin.output_shape(tuple(x.shape[1:]))
+        shape = (x.shape[0], lin.out_features)
+        y = relu.ws.get("output", shape)
+        dense.linear_relu(x, lin.weight.data, None if lin.bias is None else lin.bias.data, y)
+        lin._x, self._y, relu._y_shape = x, y, shape
+        return y
+
+    def backward(self, dy):
+        from .ops import dense
+
+        lin, relu = self.linear, self.relu
+        dy = relu._grad_output(dy)
+        x = lin._cached("_x")
+        dx = lin.ws.get("grad_input", x.shape) if lin.needs_input_grad else None
+        dense.linear_relu_backward(dy, x, lin.weight.data, self._y, dx, lin.weight.grad,
+                                   None if lin.bias is None else lin.bias.grad)
+        return dx

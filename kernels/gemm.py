@@ -34,11 +34,11 @@ Run the checks: ``python -m pytest tests/test_gemm.py`` (simulator); build for r
 """
 
 import numpy as np
-from numba import config, cuda, float32, uint32
+from numba import config, cuda, float32, int32, uint32
 
 from ._common import TPB_1D, check_device_array, ceil_div, grid_1d, kernel
 
-VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k")
+VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k", "split_k_ticket")
 # version=None picks register_tiled or split_k by shape (pick_version); a GPU with ~132 SMs wants at
 # least this many 128 x 128 tiles before register_tiled alone fills it. Under the simulator split_k
 # aims for fewer blocks (each simulated block costs 256 Python threads; the code path is the same).
@@ -523,6 +523,173 @@ def gemm_split_k_partial_kernel(a, b, part, trans_a, trans_b, k_slice):
                 part[z, m, n] = acc[i, j]
 
 
+# split_k_ticket: split_k's tiles and slices in ONE launch. Each block writes its partial tile, fences
+# it, and takes a ticket from its tile's counter (an atomic); the block that draws the last ticket sums
+# the slices' partial tiles in slice order (the same bits every run, whichever block arrives last),
+# applies the epilogue and resets the counter to 0 (the kernel is reusable, and replayable in a CUDA
+# graph, without a clearing launch). Epilogue flags (TK_*): bias, ReLU; and two for a layer's backward:
+# op(A) read through a mask (an element counts only where mask > 0: the ReLU's gradient, from its
+# stored output), and op(A)'s row sums as an extra column of op(B) made of ones (db of a linear layer).
+TK_BIAS, TK_RELU, TK_MASK, TK_ROWSUM = 1, 2, 4, 8
+
+TICKET_SIGNATURE = ("void(float32[:, ::1], float32[:, ::1], float32[:, ::1], float32[::1], float32[:, ::1], "
+                    "float32[::1], float32[::1], int32[::1], int64, int64, int64, int64, float32, float32)")
+
+
+@kernel(TICKET_SIGNATURE, block=SK_THREADS, launch_bounds=(SK_THREADS, 2))
+def gemm_split_k_ticket_kernel(a, b, c, bias, mask, rowsum, part, tickets, trans_a, trans_b, flags, k_slice,
+                               alpha, beta):
+    """split_k_ticket: split_k in one launch, the last block of each tile to arrive (an atomic ticket) summing the slices in order."""
+    # a: (M, K), or (K, M) when trans_a; b: (K, N), or (N, K) when trans_b; c: (M, N); bias: (N,)
+    # mask: a's shape (read when TK_MASK); rowsum: (M,) (written when TK_ROWSUM); part: (S * M * NG,) flat,
+    # NG = N (+1 with TK_ROWSUM), read and written only when S > 1; tickets: one int32 per (x, y) tile, 0
+    sa = cuda.shared.array(SK_SMEM_A, float32)
+    sb = cuda.shared.array(SK_SMEM_B, float32)
+    last = cuda.shared.array(1, int32)
+    acc = cuda.local.array((SK_TM, SK_TN), float32)
+    a_frag = cuda.local.array(SK_TM, float32)
+    b_frag = cuda.local.array(SK_TN, float32)
+    a_next = cuda.local.array(4, float32)
+    b_next = cuda.local.array(4, float32)
+    tid = cuda.threadIdx.x
+    trow = tid // SK_COL_THREADS
+    tcol = tid % SK_COL_THREADS
+    m0 = cuda.blockIdx.y * SK_BM
+    n0 = cuda.blockIdx.x * SK_BN
+    z = cuda.blockIdx.z
+    M = c.shape[0]
+    N = c.shape[1]
+    K = a.shape[0] if trans_a else a.shape[1]
+    has_mask = (flags & TK_MASK) != 0
+    has_rowsum = (flags & TK_ROWSUM) != 0
+    NG = N + 1 if has_rowsum else N  # column N of the product is op(A) times ones: the row sums
+    S = max(1, (K + k_slice - 1) // k_slice)  # slices, from the problem (= gridDim.z)
+    k_begin = z * k_slice
+    k_end = min(K, k_begin + k_slice)
+
+    if trans_a:
+        a_k = tid // (SK_BM // 4)
+        a_i = (tid % (SK_BM // 4)) * 4
+    else:
+        a_i = tid // (SK_BK // 4)
+        a_k = (tid % (SK_BK // 4)) * 4
+    if trans_b:
+        b_j = tid // (SK_BK // 4)
+        b_k = (tid % (SK_BK // 4)) * 4
+    else:
+        b_k = tid // (SK_BN // 4)
+        b_j = (tid % (SK_BN // 4)) * 4
+
+    for i in range(SK_TM):
+        for j in range(SK_TN):
+            acc[i, j] = float32(0.0)
+
+    steps = max(0, (k_end - k_begin + SK_BK - 1) // SK_BK)  # the same for every thread of the block
+    for t in range(steps + 1):
+        if t < steps:
+            k0 = k_begin + t * SK_BK
+            for q in range(4):
+                v = float32(0.0)
+                if trans_a:
+                    if k0 + a_k < k_end and m0 + a_i + q < M:
+                        v = a[k0 + a_k, m0 + a_i + q]
+                        if has_mask and not mask[k0 + a_k, m0 + a_i + q] > float32(0.0):
+                            v = float32(0.0)
+                else:
+                    if m0 + a_i < M and k0 + a_k + q < k_end:
+                        v = a[m0 + a_i, k0 + a_k + q]
+                        if has_mask and not mask[m0 + a_i, k0 + a_k + q] > float32(0.0):
+                            v = float32(0.0)
+                a_next[q] = v
+                w = float32(0.0)
+                if trans_b:
+                    if k0 + b_k + q < k_end:
+                        if n0 + b_j < N:
+                            w = b[n0 + b_j, k0 + b_k + q]
+                        elif n0 + b_j < NG:  # the column of ones
+                            w = float32(1.0)
+                else:
+                    if k0 + b_k < k_end:
+                        if n0 + b_j + q < N:
+                            w = b[k0 + b_k, n0 + b_j + q]
+                        elif n0 + b_j + q < NG:
+                            w = float32(1.0)
+                b_next[q] = w
+        if t > 0:
+            a_base = uint32(((t - 1) % 2) * SK_BUF_A + trow * 4)
+            b_base = uint32(((t - 1) % 2) * SK_BUF_B + tcol * 4)
+            for kk in range(SK_BK):
+                ao = a_base + uint32(kk * SK_LDA)
+                bo = b_base + uint32(kk * SK_LDB)
+                for q in range(4):
+                    a_frag[q] = sa[ao + uint32(q)]
+                    b_frag[q] = sb[bo + uint32(q)]
+                for i in range(SK_TM):
+                    for j in range(SK_TN):
+                        acc[i, j] += a_frag[i] * b_frag[j]
+        if t < steps:
+            a_st = uint32((t % 2) * SK_BUF_A)
+            b_st = uint32((t % 2) * SK_BUF_B)
+            for q in range(4):
+                if trans_a:
+                    sa[a_st + uint32(a_k * SK_LDA + a_i + q)] = a_next[q]
+                else:
+                    sa[a_st + uint32((a_k + q) * SK_LDA + a_i)] = a_next[q]
+                if trans_b:
+                    sb[b_st + uint32((b_k + q) * SK_LDB + b_j)] = b_next[q]
+                else:
+                    sb[b_st + uint32(b_k * SK_LDB + b_j + q)] = b_next[q]
+        cuda.syncthreads()
+
+    if S > 1:  # uniform: every block of the launch takes this branch or none does
+        for i in range(SK_TM):
+            m = m0 + trow * 4 + i
+            for j in range(SK_TN):
+                n = n0 + tcol * 4 + j
+                if m < M and n < NG:
+                    part[(z * M + m) * NG + n] = acc[i, j]
+        cuda.threadfence()  # this thread's partials are visible to the block that reduces them
+        cuda.syncthreads()
+        if tid == 0:
+            tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+            ticket = cuda.atomic.add(tickets, tile, 1)
+            last[0] = 1 if ticket == S - 1 else 0
+            if ticket == S - 1:
+                cuda.atomic.exch(tickets, tile, 0)  # every slice has arrived: ready for the next launch
+        cuda.syncthreads()
+        if last[0] != 0:  # uniform within the block
+            cuda.threadfence()
+            for i in range(SK_TM):
+                m = m0 + trow * 4 + i
+                for j in range(SK_TN):
+                    n = n0 + tcol * 4 + j
+                    if m < M and n < NG:
+                        total = float32(0.0)
+                        for s in range(S):  # slice order: the same bits every run
+                            total += part[(s * M + m) * NG + n]
+                        acc[i, j] = total
+
+    if S == 1 or last[0] != 0:
+        for i in range(SK_TM):
+            m = m0 + trow * 4 + i
+            for j in range(SK_TN):
+                n = n0 + tcol * 4 + j
+                if m < M and n < NG:
+                    v = alpha * acc[i, j]
+                    if n < N:
+                        if beta != float32(0.0):
+                            v += beta * c[m, n]
+                        if (flags & TK_BIAS) != 0:
+                            v += bias[n]
+                        if (flags & TK_RELU) != 0 and v < float32(0.0):  # NaN is not < 0: it propagates
+                            v = float32(0.0)
+                        c[m, n] = v
+                    else:
+                        if beta != float32(0.0):
+                            v += beta * rowsum[m]
+                        rowsum[m] = v
+
+
 @kernel("void(float32[:, :, ::1], float32[:, ::1], float32[::1], int64, float32, float32)", block=TPB_1D)
 def gemm_split_k_reduce_kernel(part, c, bias, has_bias, alpha, beta):
     """split_k, second pass: c = alpha * Σ_z part[z] (z = 0, 1, ... in order: the same bits every run) + beta * c + bias."""
@@ -687,6 +854,72 @@ def gemm_split_k(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bia
     return c
 
 
+_tickets = {"buf": None}  # split_k_ticket's tile counters: zeros, grown when a launch has more tiles
+
+
+def _ticket_counters(tiles):
+    buf = _tickets["buf"]
+    if buf is None or buf.shape[0] < tiles:
+        buf = cuda.to_device(np.zeros(max(tiles, 64), np.int32))  # zeros: every ticket starts at 0
+        _tickets["buf"] = buf
+    return buf
+
+
+def ticket_workspace_size(M, N, K, rowsum=False):
+    """float32 elements of scratch split_k_ticket needs for an M x N x K product (0 when it runs as one
+    slice); ``rowsum`` adds op(A)'s row-sum column."""
+    S = split_k_slices(M, N + int(rowsum), K)[0]
+    return 0 if S == 1 else S * M * (N + int(rowsum))
+
+
+def _scratch(workspace, need, what):
+    """`workspace` checked to hold `need` float32 elements, or the module's own buffer (grown, reused)."""
+    if workspace is None:
+        ws = _workspace["buf"]
+        if ws is None or ws.shape[0] < need:
+            ws = cuda.device_array(max(need, 1), np.float32)
+            _workspace["buf"] = ws
+        return ws
+    check_device_array("workspace", workspace)
+    if len(workspace.shape) != 1 or workspace.shape[0] < need:
+        raise ValueError(f"workspace: expected a 1-D float32 array of at least {need} elements "
+                         f"({what}), got shape {tuple(workspace.shape)}")
+    return workspace
+
+
+def gemm_split_k_ticket(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None, workspace=None,
+                        relu=False, mask=None, rowsum=None):
+    """split_k_ticket: split_k's slices (split_k_slices) in one launch; the last block of each tile sums
+    the partial tiles in slice order. Scratch: ``workspace`` as for split_k (>= ticket_workspace_size
+    elements; none needed when the product runs as one slice). Epilogue: ``bias``, ``relu`` (max(., 0)
+    last); ``mask`` (a's shape): op(A) is read as a * (mask > 0); ``rowsum`` (M,): written with
+    alpha * Σ_k op(A)[m, k] (+ beta * rowsum), the db of a linear layer's dW = dyᵀ · x."""
+    M, N, K = _check_gemm(a, b, c, trans_a, trans_b, bias)
+    if mask is not None:
+        check_device_array("mask", mask, shape=tuple(a.shape))
+    if rowsum is not None:
+        check_device_array("rowsum", rowsum, shape=(M,))
+    if M == 0 or (N == 0 and rowsum is None):
+        return c
+    NG = N + int(rowsum is not None)
+    S, k_slice = split_k_slices(M, NG, K)
+    need = 0 if S == 1 else S * M * NG
+    part = _scratch(workspace, need, f"{S} K-slices of {M}x{NG}")
+    blocks = (ceil_div(NG, SK_BN), ceil_div(M, SK_BM), S)
+    if blocks[1] > MAX_GRID_Y:
+        raise ValueError(f"c: {M} rows need {blocks[1]} row blocks of {SK_BM}; a GPU allows at most "
+                         f"{MAX_GRID_Y} (split the product into row chunks)")
+    tickets = _ticket_counters(blocks[0] * blocks[1])
+    flags = ((TK_BIAS if bias is not None else 0) | (TK_RELU if relu else 0) | (TK_MASK if mask is not None else 0)
+             | (TK_ROWSUM if rowsum is not None else 0))
+    # arrays a flag leaves unread get stand-ins of the right type (views, no allocation)
+    gemm_split_k_ticket_kernel[blocks, SK_THREADS](
+        a, b, c, part[:1] if bias is None else bias, a if mask is None else mask,
+        part[:1] if rowsum is None else rowsum, part, tickets, int(bool(trans_a)), int(bool(trans_b)), flags,
+        k_slice, np.float32(alpha), np.float32(beta))
+    return c
+
+
 def bias_grad(dy, db, alpha=1.0, beta=0.0):
     """db = alpha * dy.sum(axis=0) + beta * db, on the device, without allocating."""
     check_device_array("dy", dy)
@@ -701,70 +934,103 @@ def bias_grad(dy, db, alpha=1.0, beta=0.0):
 
 
 _LAUNCHERS = {"naive": gemm_naive, "tiled": gemm_tiled, "blocktiled": gemm_blocktiled,
-              "register_tiled": gemm_register_tiled, "split_k": gemm_split_k}
+              "register_tiled": gemm_register_tiled, "split_k": gemm_split_k, "split_k_ticket": gemm_split_k_ticket}
 
 
 # --- dispatcher --------------------------------------------------------------------------------------
 
 
 def pick_version(M, N, K):
-    """The version ``version=None`` runs for an M x N x K product: ``split_k`` when register_tiled's
-    128 x 128 tiles would occupy fewer than SPLIT_K_BELOW_TILES blocks (the dense layers of LeNet-5 at
-    batch 128: one to four tiles on a 132-SM GPU), else ``register_tiled``."""
+    """The version ``version=None`` runs for an M x N x K product: ``split_k_ticket`` (one launch) when
+    register_tiled's 128 x 128 tiles would occupy fewer than SPLIT_K_BELOW_TILES blocks (the dense layers
+    of LeNet-5 at batch 128: one to four tiles on a 132-SM GPU), else ``register_tiled``."""
     tiles = ceil_div(max(M, 1), RT_BM) * ceil_div(max(N, 1), RT_BN)
-    return "split_k" if tiles < SPLIT_K_BELOW_TILES else "register_tiled"
+    return "split_k_ticket" if tiles < SPLIT_K_BELOW_TILES else "register_tiled"
 
 
-def _run(version, a, b, c, trans_a, trans_b, alpha, beta, bias, workspace):
+def _run(version, a, b, c, trans_a, trans_b, alpha, beta, bias, workspace, relu=False, mask=None, rowsum=None):
+    """One product by `version` (None: by shape). The epilogue extras (relu, mask, rowsum) are
+    split_k_ticket's: with version None they make it run; with another version relu is a second launch
+    (kernels.activation) and mask or rowsum a clear error."""
     if version is not None and version not in _LAUNCHERS:
         raise ValueError(f"version: unknown GEMM version {version!r}; expected one of {', '.join(VERSIONS)}")
+    fused = relu or mask is not None or rowsum is not None
     if version is None:
         M, N, K = _check_gemm(a, b, c, trans_a, trans_b, bias)  # checked before the shapes are trusted
-        version = pick_version(M, N, K)
+        version = "split_k_ticket" if fused else pick_version(M, N, K)
+    if version == "split_k_ticket":
+        return gemm_split_k_ticket(a, b, c, trans_a, trans_b, alpha, beta, bias, workspace=workspace, relu=relu,
+                                   mask=mask, rowsum=rowsum)
+    for name, extra in (("mask", mask), ("rowsum", rowsum)):
+        if extra is not None:
+            raise ValueError(f"{name}: only version 'split_k_ticket' (or None) applies it, got version {version!r}")
     if version == "split_k":
-        return gemm_split_k(a, b, c, trans_a, trans_b, alpha, beta, bias, workspace=workspace)
-    return _LAUNCHERS[version](a, b, c, trans_a, trans_b, alpha, beta, bias)
+        gemm_split_k(a, b, c, trans_a, trans_b, alpha, beta, bias, workspace=workspace)
+    else:
+        _LAUNCHERS[version](a, b, c, trans_a, trans_b, alpha, beta, bias)
+    if relu:
+        from .activation import relu_forward
+
+        relu_forward(c, c)
+    return c
 
 
 def gemm(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bias=None, version=None, workspace=None):
     """c = alpha * op(a) @ op(b) + beta * c (+ bias over rows), on device arrays.
 
     op(x) is x.T when the trans flag is set (read in place, not copied). beta == 0 never reads c.
-    ``version=None`` picks one by shape (:func:`pick_version`). Only split_k needs scratch: `workspace`
-    (see :func:`gemm_split_k`); without it split_k keeps its own. FLOPs: 2 * M * N * K.
+    ``version=None`` picks one by shape (:func:`pick_version`). Only split_k and split_k_ticket need
+    scratch: `workspace` (see :func:`gemm_split_k`); without it they keep their own. FLOPs: 2 * M * N * K.
     """
     return _run(version, a, b, c, trans_a, trans_b, alpha, beta, bias, workspace)
 
 
-def linear_forward(x, w, b, y, version=None, workspace=None):
-    """y = x · wᵀ (+ b). x: (N, in), w: (out, in), b: (out,) or None, y: (N, out); device arrays."""
-    return _run(version, x, w, y, False, True, 1.0, 0.0, b, workspace)
+def linear_forward(x, w, b, y, version=None, workspace=None, relu=False):
+    """y = x · wᵀ (+ b) (then max(., 0) when ``relu``). x: (N, in), w: (out, in), b: (out,) or None,
+    y: (N, out); device arrays. By default one launch, bias and ReLU in split_k_ticket's epilogue
+    (large products without ReLU: register_tiled with the bias in its epilogue)."""
+    return _run(version, x, w, y, False, True, 1.0, 0.0, b, workspace, relu=relu)
 
 
-def linear_backward(dy, x, w, dx, dw, db, version=None, workspace=None):
-    """dx = dy · w, dw = dyᵀ · x, db = Σ_rows dy (each written, not accumulated); dx/db None to skip.
-    The products run one after the other on the same stream, so one workspace serves both."""
+def linear_backward(dy, x, w, dx, dw, db, version=None, workspace=None, mask=None):
+    """dx = dy' · w, dw = dy'ᵀ · x, db = Σ_rows dy' (each written, not accumulated; dx/db None to skip),
+    where dy' = dy, or dy * (mask > 0) with ``mask`` (dy's shape: a fused ReLU's stored output, so
+    dy' is the gradient before the ReLU). On split_k_ticket (the default for the dense layers' shapes,
+    and whenever a mask is given) that is two launches: dx, and dw with db as its extra column; else
+    dx, dw and a bias_grad launch. The products run one after the other on the same stream, so one
+    workspace serves both."""
+    n, fout, fin = dy.shape[0], w.shape[0], w.shape[1]  # (shapes checked by the products below)
+    ticket = version == "split_k_ticket" or (version is None and (
+        mask is not None or pick_version(fout, fin, n) == "split_k_ticket"))
     if dx is not None:
-        _run(version, dy, w, dx, False, False, 1.0, 0.0, None, workspace)
-    _run(version, dy, x, dw, True, False, 1.0, 0.0, None, workspace)
+        _run(version, dy, w, dx, False, False, 1.0, 0.0, None, workspace, mask=mask)
+    if ticket:
+        _run("split_k_ticket", dy, x, dw, True, False, 1.0, 0.0, None, workspace, mask=mask, rowsum=db)
+        return dx, dw, db
+    _run(version, dy, x, dw, True, False, 1.0, 0.0, None, workspace, mask=mask)
     if db is not None:
         bias_grad(dy, db)
     return dx, dw, db
 
 
-def linear_workspace_size(n, fin, fout, version=None):
+def linear_workspace_size(n, fin, fout, version=None, fused=False):
     """float32 elements of scratch that covers the products of a (n, fin) -> (n, fout) linear layer
-    (forward, dx, dw) that run as split_k under `version` (None: as the dispatcher picks); 0 if none."""
+    (forward, dx, dw with db) that run as split_k or split_k_ticket under `version` (None: as the
+    dispatcher picks; ``fused``: a ReLU epilogue or mask, which runs split_k_ticket); 0 if none."""
     sizes = [0]
-    for M, N, K in ((n, fout, fin), (n, fin, fout), (fout, fin, n)):
-        if (version or pick_version(M, N, K)) == "split_k":
+    for M, N, K, extra in ((n, fout, fin, False), (n, fin, fout, False), (fout, fin, n, True)):
+        v = version or ("split_k_ticket" if fused else pick_version(M, N, K))
+        if v == "split_k":
             sizes.append(split_k_workspace_size(M, N, K))
+        elif v == "split_k_ticket":
+            sizes.append(ticket_workspace_size(M, N, K, rowsum=extra))
     return max(sizes)
 
 
 __all__ = [
     "VERSIONS", "gemm", "linear_forward", "linear_backward", "bias_grad", "pick_version",
     "split_k_slices", "split_k_workspace_size", "linear_workspace_size",
-    "gemm_naive", "gemm_tiled", "gemm_blocktiled", "gemm_register_tiled", "gemm_split_k", "gemm_reference",
+    "gemm_naive", "gemm_tiled", "gemm_blocktiled", "gemm_register_tiled", "gemm_split_k", "gemm_split_k_ticket",
+    "ticket_workspace_size", "gemm_reference",
     "linear_forward_reference", "linear_backward_reference",
 ]

@@ -11,12 +11,12 @@ import pytest
 from gpu_cnn.ops import _base
 from gpu_cnn.ops.dense import linear, linear_backward
 
-VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k")
+VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k", "split_k_ticket")
 # The rungs that run the whole layout x shape matrix below; register_tiled and split_k (256 threads and
 # several K-steps a block: ~1-2 s a launch under the simulator) run every layout on one odd shape that
 # spans several K-steps (and, for split_k, several K-slices) instead.
 SMALL_VERSIONS = ("naive", "tiled", "blocktiled")
-FAST_VERSIONS = ("register_tiled", "split_k")
+FAST_VERSIONS = ("register_tiled", "split_k", "split_k_ticket")
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
 # (M, N, K): odd sizes (K spans two TILEs); a single output row with K = 1; a single output column;
 # and a grid of several partial tiles (only two layouts: it costs 6 simulated blocks per launch).
@@ -77,7 +77,7 @@ def test_fast_gemm_matches_float64_reference(kernel_backend, rng, version, trans
     NT and TN run in the linear tests below (forward x·wᵀ, dw = dyᵀ·x) and the multi-block test."""
     gemm = _gemm()
     m, n, k = 37, 29, 53
-    if version == "split_k":
+    if version in ("split_k", "split_k_ticket"):
         assert gemm.split_k_slices(m, n, k)[0] == 2
     a, b = _stored(rng, m, k, trans_a), _stored(rng, k, n, trans_b)
     c = _base.to_device(np.full((m, n), np.nan, np.float32))
@@ -85,27 +85,6 @@ def test_fast_gemm_matches_float64_reference(kernel_backend, rng, version, trans
     ref = gemm.gemm_reference(a, b, trans_a=trans_a, trans_b=trans_b)
     # K = 53 float32 terms of size ~1 (sums ~7): a few ulps of the largest partial sum
     np.testing.assert_allclose(c.copy_to_host(), ref, rtol=2e-5, atol=2e-5)
-
-
-def test_split_k_is_bit_identical_run_to_run_at_several_split_counts(kernel_backend, rng, monkeypatch):
-    """The partial tiles are summed in a fixed order: two runs give the same bits, at 2 and 3 K-slices
-    (K = 40 = 2 full 16-steps + 8, so the last slice is short), each against the float64 reference."""
-    gemm = _gemm()
-    m, n, k = 5, 3, 40
-    a, b = _f32(rng, m, k), _f32(rng, n, k)
-    ref = gemm.gemm_reference(a, b, trans_b=True)
-    da, db = _base.to_device(a), _base.to_device(b)
-    for target, slices in ((2, 2), (3, 3)):
-        monkeypatch.setattr(gemm, "SK_TARGET_BLOCKS", target)
-        monkeypatch.setattr(gemm, "SK_MIN_STEPS", 1)
-        assert gemm.split_k_slices(m, n, k)[0] == slices
-        runs = []
-        for _ in range(2):
-            c = _base.to_device(np.full((m, n), np.nan, np.float32))
-            gemm.gemm(da, db, c, trans_b=True, version="split_k")
-            runs.append(c.copy_to_host())
-        assert runs[0].tobytes() == runs[1].tobytes(), slices
-        np.testing.assert_allclose(runs[0], ref, rtol=2e-5, atol=2e-5)
 
 
 def test_split_k_workspace_is_checked_and_used(kernel_backend, rng):
@@ -123,12 +102,116 @@ def test_split_k_workspace_is_checked_and_used(kernel_backend, rng):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_dispatcher_picks_split_k_for_the_dense_layers_and_register_tiled_for_big_products(kernel_backend):
+def test_dispatcher_picks_split_k_ticket_for_the_dense_layers_and_register_tiled_for_big_products(kernel_backend):
     gemm = _gemm()
     for m, n, k in ((128, 120, 400), (128, 84, 120), (128, 10, 84),  # LeNet-5's dense layers, batch 128
                     (128, 400, 120), (120, 400, 128), (84, 120, 128)):  # their dx and dw
-        assert gemm.pick_version(m, n, k) == "split_k", (m, n, k)
+        assert gemm.pick_version(m, n, k) == "split_k_ticket", (m, n, k)
     assert gemm.pick_version(4096, 4096, 4096) == "register_tiled"
+
+
+# --- split_k_ticket: one launch, the last block of a tile sums the slices; its epilogues ------------
+
+
+def _slices(gemm, monkeypatch, m, n, k, want):
+    monkeypatch.setattr(gemm, "SK_TARGET_BLOCKS", want)
+    monkeypatch.setattr(gemm, "SK_MIN_STEPS", 1)
+    assert gemm.split_k_slices(m, n, k)[0] == want
+
+
+def test_split_k_versions_are_bit_identical_run_to_run_at_several_split_counts(kernel_backend, rng, monkeypatch):
+    """Both split-K versions sum the partial tiles in slice order: at 2 and 3 K-slices (K = 40 = 2 full
+    16-steps + 8, so the last slice is short) two runs of split_k_ticket give the same bits, and at 3
+    split_k's two launches give those bits too (whichever block arrives last), each equal
+    to the float64 product; the tickets are back at 0 after every launch (reusable, and replayable in
+    a CUDA graph, with no clearing launch). One slice is in the epilogue test below."""
+    gemm = _gemm()
+    m, n, k = 5, 3, 40
+    a, b = _f32(rng, m, k), _f32(rng, n, k)
+    ref = gemm.gemm_reference(a, b, trans_b=True)
+    da, db = _base.to_device(a), _base.to_device(b)
+    for slices, versions in ((2, ("split_k_ticket",) * 2), (3, ("split_k_ticket",) * 2 + ("split_k",))):
+        _slices(gemm, monkeypatch, m, n, k, slices)
+        runs = []
+        for version in versions:
+            c = _base.to_device(np.full((m, n), np.nan, np.float32))
+            gemm.gemm(da, db, c, trans_b=True, version=version)
+            runs.append(c.copy_to_host().tobytes())
+            assert not gemm._tickets["buf"].copy_to_host().any()
+        assert len(set(runs)) == 1, slices
+        np.testing.assert_allclose(np.frombuffer(runs[0], np.float32).reshape(m, n), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("trans_a, shape, slices", [(False, (6, 5, 35), 2), (True, (7, 9, 33), 3), (True, (3, 4, 5), 1)],
+                         ids=["dx-layout-2-slices", "dw-layout-3-slices", "one-slice"])
+def test_split_k_ticket_epilogues_match_float64(kernel_backend, rng, monkeypatch, trans_a, shape, slices):
+    """bias + ReLU, op(A) read through a mask (> 0; the mask straddles 0 and has exact zeros), and op(A)'s
+    row sums as an extra column, on a linear layer's dx layout (dy · w) and dw layout (dyᵀ · x), with
+    several K-slices and one."""
+    gemm = _gemm()
+    m, n, k = shape
+    _slices(gemm, monkeypatch, m, n + 1, k, slices)
+    a, b = _stored(rng, m, k, trans_a), _f32(rng, k, n)
+    mask = _f32(rng, *a.shape)
+    mask[0, :2] = 0.0  # exactly 0: masked, like a ReLU output of 0
+    bias = _f32(rng, n)
+    assert (mask > 0).any() and (mask <= 0).any()
+    c = _base.to_device(np.full((m, n), np.nan, np.float32))
+    rs = _base.to_device(np.full(m, np.nan, np.float32))
+    gemm.gemm_split_k_ticket(*(_base.to_device(v) for v in (a, b)), c, trans_a=trans_a, bias=_base.to_device(bias),
+                             relu=True, mask=_base.to_device(mask), rowsum=rs)
+    am = np.where(mask > 0, a, 0.0)
+    opa = (am.T if trans_a else am).astype(np.float64)
+    want = np.maximum(opa @ b + bias, 0.0)
+    assert (want == 0).any() and (want > 0).any()  # the ReLU bites
+    np.testing.assert_allclose(c.copy_to_host(), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(rs.copy_to_host(), opa.sum(axis=1), rtol=2e-5, atol=2e-5)
+
+
+def test_split_k_ticket_extras_are_refused_on_other_versions_and_checked(kernel_backend, rng):
+    gemm = _gemm()
+    a, b, c = _base.to_device(_f32(rng, 4, 5)), _base.to_device(_f32(rng, 5, 3)), _base.empty((4, 3))
+    with pytest.raises(ValueError, match="mask: only version 'split_k_ticket'"):
+        gemm.linear_backward(a[:, :3], b, _base.to_device(_f32(rng, 3, 3)), None, _base.empty((3, 3)), None,
+                             version="tiled", mask=_base.empty((4, 3)))
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        gemm.gemm_split_k_ticket(a, b, c, mask=_base.empty((5, 4)))
+    with pytest.raises(ValueError, match="rowsum: expected shape"):
+        gemm.gemm_split_k_ticket(a, b, c, rowsum=_base.empty((3,)))
+    # relu on another version: a second launch (kernels.activation), the same result as the epilogue's
+    w = _f32(rng, 3, 5)
+    want = np.maximum(a.copy_to_host().astype(np.float64) @ w.T, 0.0)
+    assert (want == 0).any() and (want > 0).any()
+    for version in ("tiled", None):
+        gemm.linear_forward(a, _base.to_device(w), None, c, version=version, relu=True)
+        np.testing.assert_allclose(c.copy_to_host(), want, rtol=RTOL, atol=ATOL, err_msg=str(version))
+
+
+def test_linear_relu_and_its_backward_match_float64_in_four_launches(kernel_backend, rng):
+    """The fused Linear -> ReLU ops (gpu_cnn.fusion's): y = max(x·wᵀ + b, 0) in one launch; dx, dw and db
+    of the ReLU'd output through the stored y in two (db as dw's extra column); against float64."""
+    from gpu_cnn.kernels import gemm
+    from gpu_cnn.ops import dense
+
+    n, fin, fout = 9, 11, 6
+    x, w, b, dy = (_base.to_device(v) for v in (_f32(rng, n, fin), _f32(rng, fout, fin), _f32(rng, fout), _f32(rng, n, fout)))
+    y, dx, dw, db = (_base.to_device(np.full(s, np.nan, np.float32)) for s in ((n, fout), (n, fin), (fout, fin), (fout,)))
+    calls = []
+    real = gemm.gemm_split_k_ticket_kernel
+    gemm.gemm_split_k_ticket_kernel = type("Count", (), {"__getitem__": lambda self, cfg: (calls.append(cfg), real[cfg])[1]})()
+    try:
+        dense.linear_relu(x, w, b, y)
+        dense.linear_relu_backward(dy, x, w, y, dx, dw, db)
+    finally:
+        gemm.gemm_split_k_ticket_kernel = real
+    assert len(calls) == 3
+    xh, wh, bh, dyh = (v.copy_to_host().astype(np.float64) for v in (x, w, b, dy))
+    pre = xh @ wh.T + bh
+    assert (pre > 0).any() and (pre < 0).any()
+    np.testing.assert_allclose(y.copy_to_host(), np.maximum(pre, 0), rtol=RTOL, atol=ATOL)
+    g = np.where(pre > 0, dyh, 0.0)
+    for name, got, want in (("dx", dx, g @ wh), ("dw", dw, g.T @ xh), ("db", db, g.sum(axis=0))):
+        np.testing.assert_allclose(got.copy_to_host(), want, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 @pytest.mark.parametrize("trans_a,trans_b,shape", [(True, False, (130, 3, 2)), (False, True, (3, 130, 2))],
@@ -189,7 +272,8 @@ def test_gemm_refuses_more_row_blocks_than_a_gpu_grid_holds(kernel_backend, rng,
     """Rows of c run along grid.y (at most 65535 blocks on a GPU; the simulator has no such limit)."""
     gemm = _gemm()
     monkeypatch.setattr(gemm, "MAX_GRID_Y", 1)
-    rows = {"blocktiled": gemm.RT_BM, "register_tiled": gemm.RT_BM, "split_k": gemm.SK_BM}.get(version, gemm.TILE) + 1
+    rows = {"blocktiled": gemm.RT_BM, "register_tiled": gemm.RT_BM, "split_k": gemm.SK_BM,
+            "split_k_ticket": gemm.SK_BM}.get(version, gemm.TILE) + 1
     # (+ 1: two row blocks)
     a, b = _base.to_device(_f32(rng, rows, 3)), _base.to_device(_f32(rng, 3, 2))
     c = _base.to_device(np.full((rows, 2), np.nan, np.float32))
@@ -218,7 +302,7 @@ def test_linear_forward_and_backward_every_version(kernel_backend, rng, version)
 
 
 @pytest.mark.parametrize("n,fin,fout", [(1, 9, 1), (6, 1, 3)])
-@pytest.mark.parametrize("version", SMALL_VERSIONS + (None,))  # None: split_k, by shape
+@pytest.mark.parametrize("version", SMALL_VERSIONS + (None,))  # None: split_k_ticket, by shape
 def test_linear_thin_shapes(kernel_backend, rng, version, n, fin, fout):
     """Batch 1, one input feature, one output feature: grids of a single partial tile."""
     from gpu_cnn.kernels.gemm import linear_backward_reference, linear_forward_reference
@@ -310,12 +394,13 @@ def test_linear_db_matches_finite_differences(backend, rng):
 
 
 def test_linear_with_out_makes_no_allocation(kernel_backend, rng):
-    """With out= and a workspace (the default version here is split_k, which needs scratch) nothing is
-    allocated; without the workspace the op's own scratch is allocated once, then reused."""
+    """With out= and a workspace (the default version here is split_k_ticket, whose split-K needs
+    scratch) nothing is allocated; without the workspace the op's own scratch is allocated once, then
+    reused."""
     from gpu_cnn.kernels import gemm
     from gpu_cnn.ops import dense
 
-    assert gemm.pick_version(5, 3, 6) == "split_k"
+    assert gemm.pick_version(5, 3, 6) == "split_k_ticket"
     x, w, b, dy = (_base.to_device(a) for a in (_f32(rng, 5, 6), _f32(rng, 3, 6), _f32(rng, 3), _f32(rng, 5, 3)))
     y, dx, dw, db = (_base.empty(s) for s in ((5, 3), (5, 6), (3, 6), (3,)))
     ws = _base.empty((gemm.linear_workspace_size(5, 6, 3),))

@@ -6,7 +6,9 @@ every leading position.
 
 cpu: BLAS matmul through NumPy (``x @ w.T`` reads w transposed in place). cuda/sim: the GEMM kernels
 of :mod:`gpu_cnn.kernels.gemm`, which also read the transposed operands in place. The default version
-(``version=None``) is picked by shape; its ``split_k`` rung needs float32 scratch for its partial tiles:
+(``version=None``) is picked by shape: ``split_k_ticket`` (one launch, the bias in its epilogue, db in
+the dW pass) for the dense layers' shapes, ``register_tiled`` for big ones. The split-K rungs need
+float32 scratch for their partial tiles:
 pass ``workspace=`` (a 1-D device array of at least ``gemm.linear_workspace_size(rows, in, out)``
 elements) or let the op keep one reusable buffer (allocated on first use and when a larger layer
 arrives, reused after that, so a training loop allocates nothing per step).
@@ -20,7 +22,8 @@ _W_LAYOUT = "(out_features, in_features)"
 
 
 # = gpu_cnn.kernels.gemm.VERSIONS (not imported from there on cpu; the tests check the two agree)
-VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k")
+VERSIONS = ("naive", "tiled", "blocktiled", "register_tiled", "split_k", "split_k_ticket")
+_SCRATCH_VERSIONS = (None, "split_k", "split_k_ticket")  # the versions that may need a workspace
 
 # Reusable device scratch for split_k when the caller passes no workspace.
 _scratch = {"buf": None}
@@ -30,11 +33,13 @@ def _check_version(version):
     check_version(version, VERSIONS, "GEMM")
 
 
-def _workspace(workspace, rows, fin, fout, version):
-    """The split_k scratch for a (rows, fin) -> (rows, fout) layer: the caller's, checked, or the op's."""
+def _workspace(workspace, rows, fin, fout, version, fused=False):
+    """The split-K scratch for a (rows, fin) -> (rows, fout) layer: the caller's, checked, or the op's."""
     from ..kernels import gemm
 
-    need = gemm.linear_workspace_size(rows, fin, fout, version)
+    if version not in _SCRATCH_VERSIONS:
+        return None
+    need = gemm.linear_workspace_size(rows, fin, fout, version, fused=fused)
     if need == 0:
         return workspace  # no product runs as split_k: no scratch
     if workspace is not None:
@@ -97,7 +102,7 @@ def linear(x, w, b=None, *, out=None, version=None, workspace=None):
         return y
     from ..kernels import gemm
 
-    ws = _workspace(workspace, x2.shape[0], fin, fout, version) if version in (None, "split_k") else None
+    ws = _workspace(workspace, x2.shape[0], fin, fout, version)
     gemm.linear_forward(x2, w, b, y2, version=version, workspace=ws)
     return result(y, on_host)
 
@@ -146,6 +151,45 @@ def linear_backward(dy, x, w, *, out=None, bias=True, need_dx=True, version=None
         return dx, dw, db
     from ..kernels import gemm
 
-    ws = _workspace(workspace, dy2.shape[0], fin, fout, version) if version in (None, "split_k") else None
+    ws = _workspace(workspace, dy2.shape[0], fin, fout, version)
     gemm.linear_backward(dy2, x2, w, dx2, dw, db, version=version, workspace=ws)
     return result(dx, on_host), result(dw, on_host), result(db, on_host)
+
+
+# --- fused with the ReLU that follows (gpu_cnn.fusion's Linear -> ReLU) ---------------------------------
+
+
+def linear_relu(x, w, b, out):
+    """y = max(x · wᵀ + b, 0) into ``out`` (N, out_features): on the kernel backends one launch, the
+    bias and the ReLU in split_k_ticket's epilogue. x: (N, in_features); b may be None. Internal to
+    fusion: arrays are the layers' own (backend arrays, checked shapes)."""
+    if not _backend.uses_kernels():
+        np.matmul(x, w.T, out=out)
+        if b is not None:
+            out += b
+        np.maximum(out, 0.0, out=out)
+        return out
+    from ..kernels import gemm
+
+    ws = _workspace(None, x.shape[0], w.shape[1], w.shape[0], None, fused=True)
+    gemm.linear_forward(x, w, b, out, workspace=ws, relu=True)
+    return out
+
+
+def linear_relu_backward(dy, x, w, y, dx, dw, db):
+    """Gradients of y = max(x · wᵀ + b, 0) given dy = dLoss/dy and the stored y: the ReLU's gradient is
+    dy where y > 0 (y > 0 exactly where the pre-activation is), read through that mask inside the two
+    GEMMs (dx, and dw with db as its extra column): two launches, no masked copy. dx and db may be None."""
+    if not _backend.uses_kernels():
+        g = np.where(y > 0, dy, np.float32(0.0))
+        if dx is not None:
+            np.matmul(g, w, out=dx)
+        np.matmul(g.T, x, out=dw)
+        if db is not None:
+            np.sum(g, axis=0, out=db)
+        return dx, dw, db
+    from ..kernels import gemm
+
+    ws = _workspace(None, dy.shape[0], w.shape[1], w.shape[0], None, fused=True)
+    gemm.linear_backward(dy, x, w, dx, dw, db, workspace=ws, mask=y)
+    return dx, dw, db

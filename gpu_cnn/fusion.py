@@ -11,9 +11,10 @@ uses the layers' own parameters and workspaces, and gives the unfused layers' re
 rounding; the state_dict is unchanged; a batch too large for the kernels' 32-bit offsets runs the
 layers unfused). Backward needs no pre-activation: where the 2x2 window's maximum
 is > 0 the ReLU passed it, so dy masked by (pooled > 0) and routed through the argmax is the gradient of
-the conv output; without the pool, the ReLU output itself is the mask. Linear -> ReLU's backward reads
-dy through that mask inside its two GEMMs (dx, and dw with db as an extra column): no ReLU-backward
-launch, no masked copy.
+the conv output; without the pool, the ReLU output itself is the mask. Each fused run's backward reads
+dy that way inside the kernels that consume it -- the conv's dX and dW (db folded into dW) implicit
+GEMMs, a Linear's dx and dw GEMMs (db as dw's extra column) -- so a ReLU or a pool costs no backward
+launch and no masked copy is written.
 
 Fusion is on by default on ``cuda`` (where the conv2d dispatcher picks implicit_gemm, for the same
 reason) and off on ``sim`` (each fused kernel is an implicit GEMM, which the simulator runs slowly) and
@@ -132,14 +133,30 @@ class ConvReLU(_Run):
             return self._backward_unfused(dy)
         conv, relu = self.conv, self.relu
         dy = relu._grad_output(dy)
-        dpre = relu.ws.get("grad_input", relu._y_shape)
-        F.relu_backward(dy, self._y, out=dpre)  # relu(pre) > 0 exactly where pre > 0
         conv._y_shape = relu._y_shape
-        return conv.backward(dpre)
+        return _conv_backward(conv, dy, mask=self._y)  # relu(pre) > 0 exactly where pre > 0
+
+
+def _conv_backward(conv, dy, mask, pool_idx=None):
+    """The conv's dx (when wanted), dw and db with dy read through the ReLU's mask (and the pool's
+    argmax) inside the implicit-GEMM kernels: two launches, or one for a first layer."""
+    from .kernels import conv2d as kconv
+
+    x = conv._cached("_x")
+    dx = conv.ws.get("grad_input", x.shape) if conv.needs_input_grad else None
+    if dx is not None:
+        kconv.conv2d_backward_input_implicit_gemm(dy, conv.weight.data, dx, conv.stride, conv.padding, mask=mask,
+                                                  pool_idx=pool_idx)
+    kconv.conv2d_backward_weight_implicit_gemm(dy, x, conv.weight.grad, conv.stride, conv.padding,
+                                               db=None if conv.bias is None else conv.bias.grad, mask=mask,
+                                               pool_idx=pool_idx)
+    return dx
 
 
 class ConvReLUPool(_Run):
-    """Conv2d -> ReLU -> MaxPool2d(2): one fused kernel forward; backward masks, routes, then conv's."""
+    """Conv2d -> ReLU -> MaxPool2d(2): one fused kernel forward; backward is the conv's two implicit-GEMM
+    kernels reading the pooled gradient through the argmax and the (pooled > 0) mask: no ReLU- or
+    pool-backward launch."""
 
     def __init__(self, conv, relu, pool):
         self.conv, self.relu, self.pool = conv, relu, pool
@@ -167,12 +184,9 @@ class ConvReLUPool(_Run):
             return self._backward_unfused(dy)
         conv, relu, pool = self.conv, self.relu, self.pool
         dy = pool._grad_output(dy)
-        masked = relu.ws.get("grad_pooled", pool._y_shape)
-        F.relu_backward(dy, self._y, out=masked)  # the window's max > 0 exactly where the ReLU passed it
-        dconv = pool.ws.get("grad_input", self._conv_shape)
-        F.max_pool2d_backward(masked, pool._idx, self._conv_shape, 2, 2, 0, out=dconv, check_idx=False)
         conv._y_shape = self._conv_shape
-        return conv.backward(dconv)
+        # the window's max > 0 exactly where the ReLU passed it; the argmax routes it to the conv output
+        return _conv_backward(conv, dy, mask=self._y, pool_idx=pool._idx)
 
 
 class LinearReLU(_Run):

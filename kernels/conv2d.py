@@ -31,9 +31,11 @@ Forward versions (``VERSIONS``), rising in complexity:
 Backward versions (``BACKWARD_VERSIONS``): ``implicit_gemm`` (the default where it applies) --
 dX as the transposed implicit GEMM (M = N*H*W, N = C_in, K = C_out*kH*kW; an output row exists for
 input row h and tap i where h + ph - i is on the stride grid), dW as a GEMM with K = N*Ho*Wo split
-across blocks into partial tiles that a second kernel adds in split order (the same bits every run),
-db as that GEMM's extra column of ones -- and ``direct``, the kernels below, one per gradient, none
-needs atomics:
+across blocks into partial tiles that the last block of each tile to arrive (an atomic ticket) adds in
+split order, in the same launch (the same bits every run), db as that GEMM's extra column of ones; both
+can read dy through a ReLU's mask, or route a ReLU -> 2x2 max pool's gradient through its argmax, in
+their gather (``mask=``, ``pool_idx=``: a fused run's backward with no ReLU- or pool-backward launch)
+-- and ``direct``, the kernels below, one per gradient, none needs atomics:
 
     dX   gather: one thread per INPUT element (n, c, h, w) sums dy[n, o, ho, wo] * w[o, c, i, j] over
          the taps (i, j) and outputs (ho, wo) that read it: h + ph - i = ho*sh with 0 <= ho < Ho, i.e.
@@ -372,8 +374,8 @@ def conv2d_backward_bias_kernel(dy, db):
 # (mode, kH, kW, sh, sw, tile)), so the k -> (c, i, j) index math is multiplies and shifts; all offsets
 # are 32-bit (every tensor must hold < 2**31 elements: the launchers refuse larger ones clearly and the
 # dispatcher's default falls back to the direct kernels). dW splits K across blocks (grid.z): each split
-# writes its own partial tile, and conv2d_backward_weight_implicit_gemm_reduce_kernel adds the partials
-# in split order, so the result is the same bits every run.
+# writes its own partial tile, fences it and takes a ticket; the block that draws its tile's last ticket
+# adds the partials in split order (the same bits every run) and resets the ticket: one launch.
 
 # (BM, BN, BK, TM, TN) per mode on a GPU: 8x8 registers per thread; 128 threads (dW: 64, which keeps it
 # at 128 registers: its gather state is larger). Under the simulator the same code runs on a 16-thread tile.
@@ -388,10 +390,20 @@ _FWD, _FUSED, _DGRAD, _WGRAD = 0, 1, 2, 3
 _IG_NAMES = {_FWD: "conv2d_forward_implicit_gemm_kernel", _FUSED: "conv2d_relu_maxpool_fused_kernel",
              _DGRAD: "conv2d_backward_data_implicit_gemm_kernel",
              _WGRAD: "conv2d_backward_weight_implicit_gemm_kernel"}
-# (src0, src1, bias, out, idx, N, C, H, W, O, Ho, Wo, ph, pw, flags, tiles_per_split,
+# (src0, src1, bias, out, idx, aux, part, tickets, N, C, H, W, O, Ho, Wo, ph, pw, flags, tiles_per_split,
 #  magic_mul(Ho*Wo), magic_shift(Ho*Wo), magic_mul(Wo), magic_shift(Wo)); flags: 1 = bias, 2 = ReLU
-IG_SIGNATURE = ("void(float32[::1], float32[::1], float32[::1], float32[::1], int32[::1], "
-                + "int32, " * 11 + "uint32, int32, uint32, int32)")
+IG_SIGNATURE = ("void(float32[::1], float32[::1], float32[::1], float32[::1], int32[::1], float32[::1], "
+                "float32[::1], int32[::1], " + "int32, " * 11 + "uint32, int32, uint32, int32)")
+# How dgrad and wgrad read dy (a compile-time part of each kernel): as it is; through a ReLU's mask (aux,
+# the ReLU's stored output, dy's shape: dy counts where aux > 0); or as the gradient of a ReLU -> 2x2
+# max pool (stride 2) run: src0 and aux are the pooled gradient and the pooled output (N, O, Ho//2,
+# Wo//2), idx its argmax (kernels/pool.py's format), and the conv output's gradient at (ho, wo) is
+# src0 at (ho//2, wo//2) where the argmax is (ho, wo) and the pooled output is > 0, else 0.
+DY_PLAIN, DY_RELU, DY_RELU_POOL = 0, 1, 2
+_DY_SUFFIX = {DY_PLAIN: "", DY_RELU: "_relu", DY_RELU_POOL: "_relupool"}
+# dW's split-K in one launch: the last block of each tile to arrive (an atomic ticket) sums the splits'
+# partial tiles in split order; a cap on the splits keeps that block's sum short
+IG_WGRAD_MAX_SPLITS = 256
 _IG_CACHE = {}
 
 
@@ -402,8 +414,8 @@ def _magic(d):
     return ((2**32 * (2**shift - d)) // d + 1) & 0xFFFFFFFF, shift
 
 
-def _ig_build(mode, kh, kw, sh, sw, tile):
-    """One implicit-GEMM kernel for (mode, filter, stride, tile), the sizes closed over as constants."""
+def _ig_build(mode, kh, kw, sh, sw, tile, dyop=DY_PLAIN):
+    """One implicit-GEMM kernel for (mode, filter, stride, tile, how dy is read), the sizes closed over as constants."""
     BM, BN, BK, TM, TN = tile
     ROW_T, COL_T = BM // TM, BN // TN
     THREADS = ROW_T * COL_T
@@ -418,14 +430,19 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
     assert THREADS % BK == 0 and (not A_ALONG_M or THREADS % BM == 0) and A_LOADS >= 1 and B_LOADS >= 1
     assert mode != _FUSED or TM % 4 == 0
     MODE, KH, KW, SH, SW = mode, kh, kw, sh, sw
+    assert dyop == DY_PLAIN or mode in (_DGRAD, _WGRAD)
+    RELU_DY, POOL_DY = dyop != DY_PLAIN, dyop == DY_RELU_POOL
 
-    def igemm(src0, src1, bias, out, idx, N, C, H, W, O, Ho, Wo, ph, pw, flags, tps, mul_hw, shr_hw,
-              mul_w, shr_w):
+    def igemm(src0, src1, bias, out, idx, aux, part, tickets, N, C, H, W, O, Ho, Wo, ph, pw, flags, tps, mul_hw,
+              shr_hw, mul_w, shr_w):
         # forward/fused: src0 = x (N*C*H*W), src1 = w (O*C*kH*kW), bias (O), out = y (or pooled y; idx its
-        # argmax); dgrad: src0 = dy, src1 = w, out = dx; wgrad: src0 = dy, src1 = x, out = partial tiles
-        # (splits, O, C*kH*kW + has_bias). All flat float32, C-contiguous; sizes int32.
+        # argmax); dgrad: src0 = dy, src1 = w, out = dx; wgrad: src0 = dy, src1 = x, out = dw (O*C*kH*kW),
+        # bias = db (O, written when has_bias), part = partial tiles (splits, O, C*kH*kW + has_bias),
+        # tickets (one int32 per tile, 0 between launches). dgrad and wgrad read dy as DY_* says (aux, idx).
+        # All flat, C-contiguous; sizes int32.
         sa = cuda.shared.array(SA_SIZE, float32)  # sa[k * LDA + m] = A[m0 + m, k0 + k]
         sb = cuda.shared.array(SB_SIZE, float32)  # sb[k * LDB + n] = B[k0 + k, n0 + n]
+        last = cuda.shared.array(1, int32)  # wgrad: whether this block drew its tile's last ticket
         acc = cuda.local.array((TM, TN), float32)
         ra = cuda.local.array(A_LOADS, float32)  # the next slice, in flight while this one is computed
         rb = cuda.local.array(B_LOADS, float32)
@@ -441,6 +458,7 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
         HoWo = uint32(Ho * Wo)
         Hp = Ho // 2
         Wp = Wo // 2
+        HpWp = uint32(Hp * Wp)
         if MODE == _FWD:
             M = uint32(N * Ho * Wo)
             NG = uint32(O)
@@ -497,7 +515,7 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
             hh = uint32(pq // uint32(W))
             h0 = int32(hh) + int32(ph)
             w0 = int32(pq - hh * uint32(W)) + int32(pw)
-            a_base = uint32(nn_ * uint32(O) * HoWo)
+            a_base = uint32(nn_ * uint32(O) * (HpWp if POOL_DY else HoWo))
         b_kk = uint32(tid % uint32(BK))
         b_n = uint32(n0 + tid // uint32(BK))
 
@@ -517,13 +535,29 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
                     wo = uint32(pq - ho * uint32(Wo))
                     hi0 = int32(ho) * int32(SH) - int32(ph)
                     wi0 = int32(wo) * int32(SW) - int32(pw)
-                    dy_base = uint32(nn_ * uint32(O) * HoWo + pq)
                     x_base = uint32(nn_ * uint32(C) * HW)
+                    if POOL_DY:  # dy at (ho, wo): the pooled gradient at (ho//2, wo//2) where the argmax is here
+                        hp = ho >> uint32(1)
+                        wp = wo >> uint32(1)
+                        k_ok = k_ok and hp < uint32(Hp) and wp < uint32(Wp)
+                        dy_base = uint32(nn_ * uint32(O) * HpWp + hp * uint32(Wp) + wp)
+                        dy_step = HpWp
+                    else:
+                        dy_base = uint32(nn_ * uint32(O) * HoWo + pq)
+                        dy_step = HoWo
                     for r in range(A_LOADS):
                         o = uint32(m0 + tid // uint32(BK) + uint32(r * A_STEP))
                         v = float32(0.0)
                         if k_ok and o < M:
-                            v = src0[uint32(dy_base + o * HoWo)]
+                            off = uint32(dy_base + o * dy_step)
+                            if POOL_DY:
+                                if idx[off] == int32(pq) and aux[off] > float32(0.0):
+                                    v = src0[off]
+                            elif RELU_DY:
+                                if aux[off] > float32(0.0):
+                                    v = src0[off]
+                            else:
+                                v = src0[off]
                         ra[r] = v
                     for r in range(B_LOADS):
                         col = uint32(b_n + uint32(r * B_STEP))
@@ -549,12 +583,28 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
                         if MODE == _DGRAD:  # output row (h + ph - i) / sh must exist on the stride grid
                             th = h0 - int32(ii)
                             tw = w0 - int32(jj)
+                            ok = False
                             if SH == 1 and SW == 1:
-                                if a_ok and k < K and th >= 0 and th < Ho and tw >= 0 and tw < Wo:
-                                    v = src0[uint32(a_base + c * HoWo + uint32(th) * uint32(Wo) + uint32(tw))]
-                            elif (a_ok and k < K and th >= 0 and tw >= 0 and th % SH == 0 and tw % SW == 0
-                                  and th // SH < Ho and tw // SW < Wo):
-                                v = src0[uint32(a_base + c * HoWo + uint32(th // SH) * uint32(Wo) + uint32(tw // SW))]
+                                ok = a_ok and k < K and th >= 0 and th < Ho and tw >= 0 and tw < Wo
+                            else:
+                                ok = (a_ok and k < K and th >= 0 and tw >= 0 and th % SH == 0 and tw % SW == 0
+                                      and th // SH < Ho and tw // SW < Wo)
+                                th = th // SH
+                                tw = tw // SW
+                            if POOL_DY:  # the pooled gradient routed through its argmax (c is o here)
+                                hp = uint32(th) >> uint32(1)
+                                wp = uint32(tw) >> uint32(1)
+                                if ok and hp < uint32(Hp) and wp < uint32(Wp):
+                                    off = uint32(a_base + c * HpWp + hp * uint32(Wp) + wp)
+                                    if idx[off] == th * int32(Wo) + tw and aux[off] > float32(0.0):
+                                        v = src0[off]
+                            elif ok:
+                                off = uint32(a_base + c * HoWo + uint32(th) * uint32(Wo) + uint32(tw))
+                                if RELU_DY:
+                                    if aux[off] > float32(0.0):
+                                        v = src0[off]
+                                else:
+                                    v = src0[off]
                         else:
                             hi = h0 + int32(ii)
                             wi = w0 + int32(jj)
@@ -625,6 +675,48 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
                             dst = uint32((nn_ * NG + o) * HpWp + pq)
                             out[dst] = best
                             idx[dst] = arg
+        elif MODE == _WGRAD:  # dw (and db, the column of ones) from this block, or from the splits' sum
+            CKK = uint32(C * KHW)
+            nsplit = uint32((ktiles + uint32(tps) - uint32(1)) // uint32(tps))  # = gridDim.z
+            if nsplit == uint32(1):
+                for i in range(TM):
+                    m = uint32(m0 + trow + uint32(i * ROW_T))
+                    for j in range(TN):
+                        col = uint32(n0 + tcol + uint32(j * COL_T))
+                        if m < M and col < CKK:
+                            out[uint32(m * CKK + col)] = acc[i, j]
+                        elif m < M and col < NG:
+                            bias[m] = acc[i, j]
+            else:  # uniform: every block of the launch takes this branch
+                z = uint32(cuda.blockIdx.z)
+                for i in range(TM):
+                    m = uint32(m0 + trow + uint32(i * ROW_T))
+                    for j in range(TN):
+                        col = uint32(n0 + tcol + uint32(j * COL_T))
+                        if m < M and col < NG:
+                            part[uint32((z * M + m) * NG + col)] = acc[i, j]
+                cuda.threadfence()  # this thread's partials are visible to the block that sums them
+                cuda.syncthreads()
+                if tid == uint32(0):
+                    tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+                    ticket = cuda.atomic.add(tickets, tile, 1)
+                    last[0] = 1 if ticket == int32(nsplit) - 1 else 0
+                    if ticket == int32(nsplit) - 1:
+                        cuda.atomic.exch(tickets, tile, 0)  # every split has arrived: ready for the next launch
+                cuda.syncthreads()
+                if last[0] != 0:  # uniform within the block: its threads share the tile's sums
+                    cuda.threadfence()
+                    for e in range(tid, uint32(BM * BN), uint32(THREADS)):
+                        m = uint32(m0 + e // uint32(BN))
+                        col = uint32(n0 + e % uint32(BN))
+                        if m < M and col < NG:
+                            total = float32(0.0)
+                            for q in range(nsplit):  # split order: the same bits every run
+                                total += part[uint32((q * M + m) * NG + col)]
+                            if col < CKK:
+                                out[uint32(m * CKK + col)] = total
+                            else:
+                                bias[m] = total
         else:
             for i in range(TM):
                 m = uint32(m0 + trow + uint32(i * ROW_T))
@@ -633,13 +725,10 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
                         nn_ = uint32(m // HoWo)
                         dst = uint32(nn_ * NG * HoWo + (m - nn_ * HoWo))
                         step = HoWo
-                    elif MODE == _DGRAD:
+                    else:
                         nn_ = uint32(m // HW)
                         dst = uint32(nn_ * NG * HW + (m - nn_ * HW))
                         step = HW
-                    else:
-                        dst = uint32((uint32(cuda.blockIdx.z) * M + m) * NG)
-                        step = uint32(1)
                     for j in range(TN):
                         col = uint32(n0 + tcol + uint32(j * COL_T))
                         if col < NG:
@@ -651,7 +740,7 @@ def _ig_build(mode, kh, kw, sh, sw, tile):
                                     v = float32(0.0)
                             out[uint32(dst + col * step)] = v
 
-    name = f"{_IG_NAMES[mode]}_k{kh}x{kw}_s{sh}x{sw}"
+    name = f"{_IG_NAMES[mode]}{_DY_SUFFIX[dyop]}_k{kh}x{kw}_s{sh}x{sw}"
     if tile != IG_GPU_TILES[mode]:
         name += "_t" + "x".join(map(str, tile))
     igemm.__name__ = igemm.__qualname__ = name
@@ -662,45 +751,29 @@ def _ig_tile(mode):
     return IG_SIM_TILE if config.ENABLE_CUDASIM else IG_GPU_TILES[mode]
 
 
-def _ig_kernel(mode, kh, kw, sh, sw, tile=None):
-    """The cached kernel for (mode, filter, stride, tile), built on first use."""
-    key = (mode, kh, kw, sh, sw, _ig_tile(mode) if tile is None else tuple(tile))
+def _ig_kernel(mode, kh, kw, sh, sw, tile=None, dyop=DY_PLAIN):
+    """The cached kernel for (mode, filter, stride, tile, dy's reading), built on first use."""
+    key = (mode, kh, kw, sh, sw, _ig_tile(mode) if tile is None else tuple(tile), dyop)
     disp = _IG_CACHE.get(key)
     if disp is None:
         disp = _IG_CACHE[key] = cuda.jit(_ig_build(*key), cache=DISK_CACHE)
     return disp
 
 
-def _ig_register(mode, kh, kw, sh, sw):
+def _ig_register(mode, kh, kw, sh, sw, dyop=DY_PLAIN):
     """Put one specialisation in the kernel registry, so the compile check builds it for sm_80/sm_90."""
-    disp = _ig_kernel(mode, kh, kw, sh, sw)
+    disp = _ig_kernel(mode, kh, kw, sh, sw, dyop=dyop)
     KERNELS[f"conv2d.{disp.py_func.__name__}"] = (disp, IG_SIGNATURE, __name__)
 
 
 # representative specialisations (each costs the compile check ~3 s per arch): 3x3 stride 1 (VGG/ResNet)
-# in every mode, 1x1 stride 2 (a ResNet shortcut), dX's stride-grid path (3x3 s2), LeNet's fused 5x5
+# in every mode, 1x1 stride 2 (a ResNet shortcut), dX's stride-grid path (3x3 s2), LeNet's fused 5x5 and
+# its backward through the ReLU and the pool, a Conv -> ReLU's backward (3x3)
 for _spec in ((_FWD, 3, 3, 1, 1), (_FWD, 1, 1, 2, 2), (_FUSED, 5, 5, 1, 1), (_DGRAD, 3, 3, 1, 1),
-              (_DGRAD, 3, 3, 2, 2), (_WGRAD, 3, 3, 1, 1)):
+              (_DGRAD, 3, 3, 2, 2), (_WGRAD, 3, 3, 1, 1), (_DGRAD, 5, 5, 1, 1, DY_RELU_POOL),
+              (_WGRAD, 5, 5, 1, 1, DY_RELU_POOL), (_DGRAD, 3, 3, 1, 1, DY_RELU), (_WGRAD, 3, 3, 1, 1, DY_RELU)):
     _ig_register(*_spec)
 del _spec
-
-
-@kernel("void(float32[::1], float32[::1], float32[::1], int32, int32, int32, int32)")
-def conv2d_backward_weight_implicit_gemm_reduce_kernel(part, dw, db, splits, O, CKK, has_bias):
-    """split-K reduction: one thread per (o, column) adds the splits' partial tiles in split order."""
-    # part: (splits, O, CKK + has_bias) float32; dw: (O, CKK) flat; db: (O,) (written when has_bias)
-    t = cuda.grid(1)
-    cols = CKK + has_bias
-    if t < O * cols:
-        o = t // cols
-        col = t - o * cols
-        total = float32(0.0)
-        for s in range(splits):  # a fixed order: the same bits every run
-            total += part[s * O * cols + t]
-        if col < CKK:
-            dw[o * CKK + col] = total
-        else:
-            db[o] = total
 
 
 # --- launchers ---------------------------------------------------------------------------------------
@@ -814,14 +887,45 @@ def conv2d_backward_bias_blocks(dy, db):
 
 # implicit GEMM launchers (the kernels above; flat views of the arrays, no copies)
 
-_IG_SCRATCH = {}  # dW's partial tiles and a 1-element idx stand-in: allocated once, grown when needed
+_IG_SCRATCH = {}  # dW's partial tiles, its tickets and 1-element stand-ins: allocated once, grown when needed
 
 
 def _ig_scratch(name, size, dtype=np.float32):
     buf = _IG_SCRATCH.get(name)
     if buf is None or buf.shape[0] < size:
-        buf = _IG_SCRATCH[name] = cuda.device_array(max(size, 1), dtype)
+        if name == "tickets":  # zeros: every ticket starts at 0 (and the last block resets it)
+            buf = _IG_SCRATCH[name] = cuda.to_device(np.zeros(max(size, 64), dtype))
+        else:
+            buf = _IG_SCRATCH[name] = cuda.device_array(max(size, 1), dtype)
     return buf
+
+
+def _stand_ins():
+    """(idx, aux, part, tickets) for a launch that reads none of them: 1-element arrays of the types."""
+    return (_ig_scratch("idx", 1, np.int32), _ig_scratch("aux", 1), _ig_scratch("aux", 1),
+            _ig_scratch("tickets", 1, np.int32))
+
+
+def _dy_reading(dy_shape, conv_shape, mask, pool_idx):
+    """(DY_* mode, idx, aux) for dgrad/wgrad after checking `mask` (and `pool_idx`) against dy: dy is the
+    conv output's gradient (read through mask > 0), or with pool_idx the 2x2 max pool's (N, O, Ho//2, Wo//2)."""
+    n, o, ho, wo = conv_shape
+    if pool_idx is None:
+        if tuple(dy_shape) != tuple(conv_shape):
+            raise ValueError(f"dy: expected shape {tuple(conv_shape)}, got {tuple(dy_shape)}")
+        if mask is None:
+            return DY_PLAIN, None, None
+        check_device_array("mask", mask, shape=conv_shape)
+        return DY_RELU, None, _flat(mask)
+    pooled = (n, o, ho // 2, wo // 2)
+    if tuple(dy_shape) != pooled:
+        raise ValueError(f"dy: expected the pooled gradient's shape {pooled} (conv output {tuple(conv_shape)}), "
+                         f"got {tuple(dy_shape)}")
+    if mask is None:
+        raise ValueError("mask: pool_idx needs mask, the pooled ReLU output (the gradient passes where it is > 0)")
+    check_device_array("pool_idx", pool_idx, shape=pooled, dtype=np.int32)
+    check_device_array("mask", mask, shape=pooled)
+    return DY_RELU_POOL, _flat(pool_idx), _flat(mask)
 
 
 def _flat(a):
@@ -849,13 +953,13 @@ def implicit_gemm_supported(x_shape, w_shape, stride, padding, dilation=(1, 1), 
     return True
 
 
-def _ig_launch(mode, grid, w_shape, stride, args, tile):
+def _ig_launch(mode, grid, w_shape, stride, args, tile, dyop=DY_PLAIN):
     kh, kw = int(w_shape[2]), int(w_shape[3])
     tile = _ig_tile(mode) if tile is None else tuple(tile)
     if grid[1] > 65535:
         raise ValueError(f"w: {w_shape} needs {grid[1]} column tiles, more than a launch's grid.y holds")
     threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
-    k = _ig_kernel(mode, kh, kw, int(stride[0]), int(stride[1]), tile)
+    k = _ig_kernel(mode, kh, kw, int(stride[0]), int(stride[1]), tile, dyop)
     k[grid, threads](*args)
 
 
@@ -875,7 +979,7 @@ def conv2d_forward_implicit_gemm(x, w, b, y, stride, padding, relu=False, tile=N
     tile = _ig_tile(_FWD) if tile is None else tile
     grid = (ceil_div(n * ho * wo, tile[0]), ceil_div(o, tile[1]), 1)
     flags = has_bias | (2 if relu else 0)
-    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), _ig_scratch("idx", 1, np.int32),
+    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), *_stand_ins(),
             *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, flags, 1), np.uint32(0), np.int32(0), np.uint32(0),
             np.int32(0))
     _ig_launch(_FWD, grid, w.shape, (sh, sw), args, tile)
@@ -913,17 +1017,22 @@ def conv2d_relu_maxpool_fused(x, w, b, y, idx, stride, padding, tile=None):
     tile = _ig_tile(_FUSED) if tile is None else tile
     grid = (ceil_div(n * (ho // 2) * (wo // 2) * 4, tile[0]), ceil_div(o, tile[1]), 1)
     bias_arg = b if b is not None else _flat(y)
-    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), _flat(idx),
+    args = (_flat(x), _flat(w), _flat(bias_arg), _flat(y), _flat(idx), *_stand_ins()[1:],
             *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, int(b is not None) | 2, 1), np.uint32(0), np.int32(0),
             np.uint32(0), np.int32(0))
     _ig_launch(_FUSED, grid, w.shape, (sh, sw), args, tile)
     return y, idx
 
 
-def conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding, tile=None):
-    """dx as the transposed implicit GEMM (M = N*H*W, N = C_in, K = C_out*kH*kW); dx written in full."""
+def conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding, tile=None, mask=None, pool_idx=None):
+    """dx as the transposed implicit GEMM (M = N*H*W, N = C_in, K = C_out*kH*kW); dx written in full.
+
+    ``mask`` (dy's shape): dy counts only where mask > 0 (a ReLU's stored output: the gradient through
+    it); with ``pool_idx`` (int32) dy and mask are the 2x2 max pool's gradient and output, routed to
+    the conv output through the argmax inside the gather (a Conv -> ReLU -> MaxPool(2) run's backward)."""
     out_shape = _out_shape(_check4("dx", dx), _check4("w", w), stride, padding)
-    check_device_array("dy", dy, shape=out_shape)
+    check_device_array("dy", dy)
+    dyop, idx_arg, aux = _dy_reading(dy.shape, out_shape, mask, pool_idx)
     _ig_check_elements(dx=dx.shape, w=w.shape, dy=out_shape)
     if 0 in dx.shape:
         return dx
@@ -932,37 +1041,45 @@ def conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding, tile=None):
     sh, sw, ph, pw = _params(stride, padding)
     tile = _ig_tile(_DGRAD) if tile is None else tile
     grid = (ceil_div(n * h * wd, tile[0]), ceil_div(c, tile[1]), 1)
-    args = (_flat(dy), _flat(w), _flat(dx), _flat(dx), _ig_scratch("idx", 1, np.int32),
+    stand = _stand_ins()
+    args = (_flat(dy), _flat(w), _flat(dx), _flat(dx), stand[0] if idx_arg is None else idx_arg,
+            stand[1] if aux is None else aux, *stand[2:],
             *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, 0, 1), np.uint32(0), np.int32(0), np.uint32(0),
             np.int32(0))
-    _ig_launch(_DGRAD, grid, w.shape, (sh, sw), args, tile)
+    _ig_launch(_DGRAD, grid, w.shape, (sh, sw), args, tile, dyop)
     return dx
 
 
 def wgrad_splits(w_shape, dy_shape, has_bias, splits=None, tile=None):
     """(splits, K-slices per split) of dW's split-K GEMM: enough blocks to fill the GPU
-    (IG_WGRAD_TARGET_BLOCKS), at least IG_WGRAD_MIN_TILES slices each; ``splits`` overrides the count."""
+    (IG_WGRAD_TARGET_BLOCKS), at least IG_WGRAD_MIN_TILES slices each, at most IG_WGRAD_MAX_SPLITS (the
+    last block of a tile sums them all); ``splits`` overrides the count."""
     o, c, kh, kw = w_shape
     n, _, ho, wo = dy_shape
     bm, bn, bk = (_ig_tile(_WGRAD) if tile is None else tile)[:3]
     ktiles = ceil_div(n * ho * wo, bk)
     if splits is None:
         blocks = ceil_div(o, bm) * ceil_div(c * kh * kw + has_bias, bn)
-        splits = max(1, min(ceil_div(IG_WGRAD_TARGET_BLOCKS, blocks), ceil_div(ktiles, IG_WGRAD_MIN_TILES)))
+        splits = max(1, min(ceil_div(IG_WGRAD_TARGET_BLOCKS, blocks), ceil_div(ktiles, IG_WGRAD_MIN_TILES),
+                            IG_WGRAD_MAX_SPLITS))
     elif isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
         raise ValueError(f"splits: expected a positive int, got {splits!r}")
     per = ceil_div(ktiles, min(int(splits), max(ktiles, 1)))
     return max(1, ceil_div(ktiles, max(per, 1))), max(per, 1)
 
 
-def conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=None, splits=None, tile=None):
+def conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=None, splits=None, tile=None, mask=None,
+                                         pool_idx=None):
     """dw (and db when given) as a split-K GEMM with K = N*Ho*Wo; db is the GEMM's extra column of ones.
 
-    Each of the ``splits`` (None: see :func:`wgrad_splits`) writes its partial tile; a second kernel adds
-    them in split order, so the result has the same bits every run. dw and db are written in full.
+    One launch: each of the ``splits`` (None: see :func:`wgrad_splits`) writes its partial tile and takes
+    a ticket; the last of a tile's splits to arrive adds them in split order (the same bits every run,
+    whichever arrives last) and writes dw and db in full. ``mask``, ``pool_idx``: dy read through a ReLU
+    (and a 2x2 max pool) as for :func:`conv2d_backward_input_implicit_gemm`.
     """
     out_shape = _out_shape(_check4("x", x), _check4("dw", dw), stride, padding)
-    check_device_array("dy", dy, shape=out_shape)
+    check_device_array("dy", dy)
+    dyop, idx_arg, aux = _dy_reading(dy.shape, out_shape, mask, pool_idx)
     if db is not None:
         check_device_array("db", db, shape=(out_shape[1],))
     _ig_check_elements(x=x.shape, dw=dw.shape, dy=out_shape)
@@ -981,17 +1098,17 @@ def conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=None, sp
     nsplit, per = wgrad_splits(dw.shape, out_shape, has_bias, splits, tile)
     cols = c * dw.shape[2] * dw.shape[3] + has_bias
     _ig_check_elements(partial_tiles=(nsplit, o, cols))
-    part = _ig_scratch("wgrad", nsplit * o * cols)
+    part = _ig_scratch("wgrad", nsplit * o * cols if nsplit > 1 else 1)
     grid = (ceil_div(o, tile[0]), ceil_div(cols, tile[1]), nsplit)
+    tickets = _ig_scratch("tickets", grid[0] * grid[1], np.int32)
     mul_hw, shr_hw = _magic(ho * wo)
     mul_w, shr_w = _magic(wo)
-    args = (_flat(dy), _flat(x), part, part, _ig_scratch("idx", 1, np.int32),
+    stand = _stand_ins()
+    args = (_flat(dy), _flat(x), db if db is not None else part[:1], _flat(dw),
+            stand[0] if idx_arg is None else idx_arg, stand[1] if aux is None else aux, part, tickets,
             *_ig_sizes(n, c, h, wd, o, ho, wo, ph, pw, has_bias, per), np.uint32(mul_hw), np.int32(shr_hw),
             np.uint32(mul_w), np.int32(shr_w))
-    _ig_launch(_WGRAD, grid, dw.shape, (sh, sw), args, tile)
-    blocks, threads = grid_1d(o * cols)
-    conv2d_backward_weight_implicit_gemm_reduce_kernel[blocks, threads](
-        part, _flat(dw), db if db is not None else part, *_ig_sizes(nsplit, o, cols - has_bias, has_bias))
+    _ig_launch(_WGRAD, grid, dw.shape, (sh, sw), args, tile, dyop)
     return dw
 
 

@@ -76,10 +76,11 @@ def test_forward_dx_dw_db_match_reference(kernel_backend, rng, case):
 
 
 def test_gpu_tiles_under_the_simulator(kernel_backend, rng):
-    """The GPU's own tiles (128 threads, 8x8 registers; dW 64 threads) on partial tiles, one block each."""
+    """The GPU's own tiles (128 threads, 8x8 registers; dW 64 threads, two splits: the last block's sum
+    spread over its threads) on partial tiles, one block each."""
     k = _k()
     x, wt, b, dy, s, p = _problem(rng, (1, 3, 5, 4, 5, (3, 3), (2, 1), (1, 2), True))
-    y, dx, dw, db = _run_all(k, x, wt, b, dy, s, p, tile=k.IG_GPU_TILES[0], splits=1)
+    y, dx, dw, db = _run_all(k, x, wt, b, dy, s, p, tile=k.IG_GPU_TILES[0], splits=2)
     np.testing.assert_allclose(y, k.conv2d_reference(x, wt, b, s, p), **TOL)
     dxr, dwr, dbr = k.conv2d_backward_reference(dy, x, wt, s, p)
     np.testing.assert_allclose(dx, dxr, **TOL)
@@ -109,8 +110,9 @@ def test_gradients_match_finite_differences(kernel_backend, rng):
 
 
 def test_wgrad_split_k_is_bit_identical_run_to_run(kernel_backend, rng):
-    """Each split count gives the same bits on every run (the partials are added in split order), and
-    the counts really split (1, 2 and 5 partial tiles of 13 K-slices)."""
+    """Each split count gives the same bits on every run (the last block adds the partials in split
+    order, whichever block it is), and the counts really split (1, 2 and 5 partial tiles of 13
+    K-slices); the tickets are back at 0 after every launch (no clearing launch, graph-replayable)."""
     from numba import cuda
 
     k = _k()
@@ -125,6 +127,7 @@ def test_wgrad_split_k_is_bit_identical_run_to_run(kernel_backend, rng):
             db = cuda.device_array(3, np.float32)
             k.conv2d_backward_weight_implicit_gemm(dyd, dxd, dw, s, p, db=db, splits=splits)
             runs.append((dw.copy_to_host(), db.copy_to_host()))
+            assert not k._IG_SCRATCH["tickets"].copy_to_host().any()
         assert runs[0][0].tobytes() == runs[1][0].tobytes() and runs[0][1].tobytes() == runs[1][1].tobytes()
         np.testing.assert_allclose(runs[0][0], dwr, **TOL)
         np.testing.assert_allclose(runs[0][1], dbr, **TOL)
@@ -196,6 +199,87 @@ def test_backward_versions_and_dispatch(kernel_backend, rng, monkeypatch):
         k.conv2d_backward_weight_implicit_gemm(_dev(dy), _dev(x), _dev(wt), s, p, splits=0)
 
 
+# --- backward through a fused ReLU (and 2x2 max pool): dy read through the mask (and the argmax) ------
+
+
+def _route(dpool, y, idx, conv_shape):
+    """float64 gradient of the conv output from the pooled gradient: to the argmax, where y > 0."""
+    d = np.zeros(conv_shape)
+    n, o, hp, wp = dpool.shape
+    wo = conv_shape[3]
+    for a, c, i, j in np.ndindex(n, o, hp, wp):
+        if y[a, c, i, j] > 0:
+            h, w = divmod(int(idx[a, c, i, j]), wo)
+            d[a, c, h, w] += dpool[a, c, i, j]
+    return d
+
+
+@pytest.mark.parametrize("case", ["3x3-s1-p1", "5x5-s2-p2-nobias"])
+def test_dx_dw_db_through_a_relu_mask(kernel_backend, rng, case):
+    """mask= (a ReLU's output, straddling 0 with exact zeros): dX and dW + db (2 splits) equal the float64
+    gradients of dy * (mask > 0), on a stride-1 and a stride-2 (stride-grid) dX."""
+    from numba import cuda
+
+    k = _k()
+    x, wt, b, dy, s, p = _problem(rng, CASES[case])
+    mask = np.maximum(rng.standard_normal(dy.shape), 0).astype(np.float32)
+    assert (mask > 0).any() and (mask == 0).any()
+    dxr, dwr, dbr = k.conv2d_backward_reference(np.where(mask > 0, dy, 0), x, wt, s, p)
+    dx, dw, db = (cuda.device_array(v, np.float32) for v in (x.shape, wt.shape, wt.shape[0]))
+    k.conv2d_backward_input_implicit_gemm(_dev(dy), _dev(wt), dx, s, p, mask=_dev(mask))
+    k.conv2d_backward_weight_implicit_gemm(_dev(dy), _dev(x), dw, s, p, db=db, splits=2, mask=_dev(mask))
+    for name, got, want in (("dx", dx, dxr), ("dw", dw, dwr), ("db", db, dbr)):
+        np.testing.assert_allclose(got.copy_to_host(), want, err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_dx_dw_db_through_relu_and_pool_equal_the_routed_reference(kernel_backend, rng, case):
+    """pool_idx= with mask = the fused forward's pooled output: the pooled gradient routed through the
+    argmax where the output is > 0 (odd conv sizes: the last row or column is in no window), then dX
+    and dW + db (1 and 3 splits, same values) against float64."""
+    from numba import cuda
+
+    k = _k()
+    x, wt, b, _, s, p = _problem(rng, FUSED_CASES[case])
+    y, idx = (a.copy_to_host() for a in k.conv2d_relu_maxpool_fused(
+        _dev(x), _dev(wt), _dev(b), *(cuda.device_array(sh, dt) for sh, dt in (
+            (k.fused_output_shape(x.shape, wt.shape, s, p), np.float32),
+            (k.fused_output_shape(x.shape, wt.shape, s, p), np.int32))), s, p))
+    assert (y > 0).any() and (y == 0).any()  # some windows are all-negative: the mask bites
+    conv_shape = k._out_shape(x.shape, wt.shape, s, p)
+    dpool = rng.standard_normal(y.shape).astype(np.float32)
+    dxr, dwr, dbr = k.conv2d_backward_reference(_route(dpool, y, idx, conv_shape), x, wt, s, p)
+    dx = cuda.device_array(x.shape, np.float32)
+    k.conv2d_backward_input_implicit_gemm(_dev(dpool), _dev(wt), dx, s, p, mask=_dev(y), pool_idx=_dev(idx))
+    np.testing.assert_allclose(dx.copy_to_host(), dxr, **TOL)
+    for splits in (1, 3):
+        dw, db = cuda.device_array(wt.shape, np.float32), cuda.device_array(wt.shape[0], np.float32)
+        k.conv2d_backward_weight_implicit_gemm(_dev(dpool), _dev(x), dw, s, p, db=db, splits=splits, mask=_dev(y),
+                                               pool_idx=_dev(idx))
+        np.testing.assert_allclose(dw.copy_to_host(), dwr, err_msg=str(splits), **TOL)
+        np.testing.assert_allclose(db.copy_to_host(), dbr, err_msg=str(splits), **TOL)
+
+
+def test_mask_and_pool_idx_are_checked(kernel_backend, rng):
+    from numba import cuda
+
+    k = _k()
+    x, wt, b, dy, s, p = _problem(rng, CASES["3x3-s1-p1"])
+    dx = cuda.device_array(x.shape, np.float32)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        k.conv2d_backward_input_implicit_gemm(_dev(dy), _dev(wt), dx, s, p, mask=_base.empty((1, 5, 2, 3)))
+    pooled = (1, 5, dy.shape[2] // 2, dy.shape[3] // 2)
+    with pytest.raises(ValueError, match="mask: pool_idx needs mask"):
+        k.conv2d_backward_input_implicit_gemm(_base.empty(pooled), _dev(wt), dx, s, p,
+                                              pool_idx=cuda.device_array(pooled, np.int32))
+    with pytest.raises(ValueError, match="dy: expected the pooled gradient's shape"):
+        k.conv2d_backward_weight_implicit_gemm(_dev(dy), _dev(x), _base.empty(wt.shape), s, p,
+                                               mask=_dev(dy), pool_idx=cuda.device_array(dy.shape, np.int32))
+    with pytest.raises(TypeError, match="pool_idx: expected dtype int32"):
+        k.conv2d_backward_input_implicit_gemm(_base.empty(pooled), _dev(wt), dx, s, p, mask=_base.empty(pooled),
+                                              pool_idx=_base.empty(pooled))
+
+
 def _small_cnn(seed):
     nn.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -205,7 +289,8 @@ def _small_cnn(seed):
 
 def test_sequential_fuses_and_agrees_with_the_unfused_layers(kernel_backend, rng, monkeypatch):
     """Conv -> ReLU -> MaxPool(2) and Conv -> ReLU runs are fused (planned as such), and logits, input
-    and parameter gradients equal the unfused model's; the state_dict keys and shapes do not change.
+    and parameter gradients equal the unfused model's; the state_dict keys and shapes do not change (each
+    fused run's backward reads dy through its ReLU, and its pool, inside the conv's GEMMs).
     A batch the 32-bit kernels cannot take runs the planned runs' layers unfused, with the same results."""
     x = rng.standard_normal((1, 1, 6, 6)).astype(np.float32)
     dlogits = rng.standard_normal((1, 5)).astype(np.float32)
@@ -229,7 +314,7 @@ def test_sequential_fuses_and_agrees_with_the_unfused_layers(kernel_backend, rng
     (plan0, l0, dx0, g0, sd0) = results[0]
     assert len(plan0) == 7
     for plan1, l1, dx1, g1, sd1 in results[1:]:
-        assert plan1[:2] == ["ConvReLUPool", "ConvReLU"]
+        assert plan1 == ["ConvReLUPool", "ConvReLU", "Flatten", "Linear"]
         assert sd0 == sd1
         np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
@@ -240,7 +325,8 @@ def test_sequential_fuses_and_agrees_with_the_unfused_layers(kernel_backend, rng
 
 def test_lenet_like_training_step_with_the_gpu_defaults_equals_cpu(rng, monkeypatch):
     """A training step of a LeNet-5-like model on sim with the GPU's defaults (implicit_gemm forward,
-    dX and split-K dW, fused conv + ReLU + pool) gives cpu's loss and weights."""
+    dX and one-launch split-K dW, fused conv + ReLU + pool and Linear + ReLU, their backward through
+    the masks and the argmax inside the GEMMs) gives cpu's loss and weights."""
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
     y = np.array([0, 3])
 
@@ -260,7 +346,8 @@ def test_lenet_like_training_step_with_the_gpu_defaults_equals_cpu(rng, monkeypa
             m = model()
             trainer = gpu_cnn.Trainer(m, optimizer="sgd", lr=0.1, batch_size=2, seed=0)
             loss, _ = trainer.train_step(x, y)
-            assert be == "cpu" or sum(type(r).__name__ == "ConvReLUPool" for _, _, r in fusion.plan(m.layers)) == 2
+            assert be == "cpu" or [type(r).__name__ for _, _, r in fusion.plan(m.layers)] == [
+                "ConvReLUPool", "ConvReLUPool", "Flatten", "LinearReLU", "Linear"]
             out[be] = (loss, m.state_dict())
         finally:
             fusion.set_enabled(None)
@@ -280,7 +367,9 @@ def test_representative_specialisations_are_registered():
     for base in ("conv2d_forward_implicit_gemm_kernel", "conv2d_backward_data_implicit_gemm_kernel",
                  "conv2d_backward_weight_implicit_gemm_kernel", "conv2d_relu_maxpool_fused_kernel"):
         assert any(n.startswith(f"conv2d.{base}_k") for n in names), base
-    assert "conv2d.conv2d_backward_weight_implicit_gemm_reduce_kernel" in names
+    for base in ("conv2d_backward_data_implicit_gemm_kernel_relupool_k5x5", "conv2d_backward_weight_implicit_gemm_kernel_relupool_k5x5",
+                 "conv2d_backward_data_implicit_gemm_kernel_relu_k3x3", "conv2d_backward_weight_implicit_gemm_kernel_relu_k3x3"):
+        assert any(n.startswith(f"conv2d.{base}") for n in names), base
     assert k.VERSIONS == ("naive", "tiled", "implicit_gemm") and k.BACKWARD_VERSIONS == ("direct", "implicit_gemm")
 
 

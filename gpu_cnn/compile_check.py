@@ -226,7 +226,8 @@ def build(name, entry, cc, ptxas, workdir, block=None, nvdisasm=None):
     is_device = bool(disp.targetoptions.get("device"))
     res = {"kernel": name, "arch": f"sm_{cc[0]}{cc[1]}", "signature": sig}
     try:
-        bounds = getattr(disp, "launch_bounds", None)  # as the kernel's cuda.jit was given them
+        # as the kernel's cuda.jit was given them (numba-cuda keeps them in targetoptions)
+        bounds = getattr(disp, "launch_bounds", None) or disp.targetoptions.get("launch_bounds")
         ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc, device=is_device, launch_bounds=bounds)
     except Exception as exc:  # report every failure, do not stop at the first
         res["error"] = f"compile_ptx: {type(exc).__name__}: {exc}"

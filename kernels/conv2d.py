@@ -76,7 +76,7 @@ build for real GPUs: ``python -m gpu_cnn.compile_check``; time every version aga
 import numpy as np
 from numba import config, cuda, float32, int32, uint32, uint64
 
-from ._common import (DISK_CACHE, KERNELS, block_sum, ceil_div, check_device_array, fill, grid_1d, kernel,
+from ._common import (DISK_CACHE, KERNEL_BLOCKS, KERNELS, block_sum, ceil_div, check_device_array, fill, grid_1d, kernel,
                       unravel4)
 
 VERSIONS = ("naive", "tiled", "implicit_gemm")  # forward versions (the fused conv+ReLU+pool is its own op)
@@ -381,9 +381,13 @@ def conv2d_backward_bias_kernel(dy, db):
 # at 128 registers: its gather state is larger). Under the simulator the same code runs on a 16-thread tile.
 IG_GPU_TILE = (128, 64, 8, 8, 8)
 IG_GPU_TILES = {0: IG_GPU_TILE, 1: IG_GPU_TILE, 2: IG_GPU_TILE, 3: (64, 64, 8, 8, 8)}
+# dW reading dy through a mask (and an argmax) holds two more loads per element in flight: BK = 4 halves
+# the registers of the next slice's gather, so it keeps to 128 registers without spilling
+IG_GPU_WGRAD_MASKED_TILE = (64, 64, 4, 8, 8)
 IG_SIM_TILE = (16, 8, 4, 4, 2)
 IG_PAD = 4  # shared rows padded by 4 words: the k-major stores of 8 consecutive k hit 32 distinct banks
 IG_MAX_ELEMENTS = 2**31 - 1  # 32-bit offsets
+IG_MAX_REGISTERS = 128  # per thread, held by launch bounds (dW's one-launch epilogue would take ~158)
 IG_WGRAD_TARGET_BLOCKS = 512  # dW: split K until about this many blocks run (a few waves on an H100)
 IG_WGRAD_MIN_TILES = 8  # dW: at least this many K-slices per split (the partial tiles cost memory traffic)
 _FWD, _FUSED, _DGRAD, _WGRAD = 0, 1, 2, 3
@@ -741,29 +745,45 @@ def _ig_build(mode, kh, kw, sh, sw, tile, dyop=DY_PLAIN):
                             out[uint32(dst + col * step)] = v
 
     name = f"{_IG_NAMES[mode]}{_DY_SUFFIX[dyop]}_k{kh}x{kw}_s{sh}x{sw}"
-    if tile != IG_GPU_TILES[mode]:
+    if tile != _ig_gpu_tile(mode, dyop):
         name += "_t" + "x".join(map(str, tile))
     igemm.__name__ = igemm.__qualname__ = name
     return igemm
 
 
-def _ig_tile(mode):
-    return IG_SIM_TILE if config.ENABLE_CUDASIM else IG_GPU_TILES[mode]
+def _ig_gpu_tile(mode, dyop=DY_PLAIN):
+    return IG_GPU_WGRAD_MASKED_TILE if mode == _WGRAD and dyop != DY_PLAIN else IG_GPU_TILES[mode]
+
+
+def _ig_tile(mode, dyop=DY_PLAIN):
+    return IG_SIM_TILE if config.ENABLE_CUDASIM else _ig_gpu_tile(mode, dyop)
 
 
 def _ig_kernel(mode, kh, kw, sh, sw, tile=None, dyop=DY_PLAIN):
     """The cached kernel for (mode, filter, stride, tile, dy's reading), built on first use."""
-    key = (mode, kh, kw, sh, sw, _ig_tile(mode) if tile is None else tuple(tile), dyop)
+    key = (mode, kh, kw, sh, sw, _ig_tile(mode, dyop) if tile is None else tuple(tile), dyop)
     disp = _IG_CACHE.get(key)
     if disp is None:
-        disp = _IG_CACHE[key] = cuda.jit(_ig_build(*key), cache=DISK_CACHE)
+        bounds = {} if config.ENABLE_CUDASIM else {"launch_bounds": _ig_bounds(key[5])}
+        disp = _IG_CACHE[key] = cuda.jit(_ig_build(*key), cache=DISK_CACHE, **bounds)
     return disp
+
+
+def _ig_threads(tile):
+    return (tile[0] // tile[3]) * (tile[1] // tile[4])
+
+
+def _ig_bounds(tile):
+    """Launch bounds that hold a kernel to IG_MAX_REGISTERS (ptxas then fits 65536 / 128 threads per SM)."""
+    threads = _ig_threads(tile)
+    return threads, max(1, 65536 // (IG_MAX_REGISTERS * threads))
 
 
 def _ig_register(mode, kh, kw, sh, sw, dyop=DY_PLAIN):
     """Put one specialisation in the kernel registry, so the compile check builds it for sm_80/sm_90."""
     disp = _ig_kernel(mode, kh, kw, sh, sw, dyop=dyop)
     KERNELS[f"conv2d.{disp.py_func.__name__}"] = (disp, IG_SIGNATURE, __name__)
+    KERNEL_BLOCKS[f"conv2d.{disp.py_func.__name__}"] = _ig_threads(_ig_tile(mode, dyop))
 
 
 # representative specialisations (each costs the compile check ~3 s per arch): 3x3 stride 1 (VGG/ResNet)
@@ -955,10 +975,10 @@ def implicit_gemm_supported(x_shape, w_shape, stride, padding, dilation=(1, 1), 
 
 def _ig_launch(mode, grid, w_shape, stride, args, tile, dyop=DY_PLAIN):
     kh, kw = int(w_shape[2]), int(w_shape[3])
-    tile = _ig_tile(mode) if tile is None else tuple(tile)
+    tile = _ig_tile(mode, dyop) if tile is None else tuple(tile)
     if grid[1] > 65535:
         raise ValueError(f"w: {w_shape} needs {grid[1]} column tiles, more than a launch's grid.y holds")
-    threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
+    threads = _ig_threads(tile)
     k = _ig_kernel(mode, kh, kw, int(stride[0]), int(stride[1]), tile, dyop)
     k[grid, threads](*args)
 
@@ -1050,13 +1070,13 @@ def conv2d_backward_input_implicit_gemm(dy, w, dx, stride, padding, tile=None, m
     return dx
 
 
-def wgrad_splits(w_shape, dy_shape, has_bias, splits=None, tile=None):
+def wgrad_splits(w_shape, dy_shape, has_bias, splits=None, tile=None, dyop=DY_PLAIN):
     """(splits, K-slices per split) of dW's split-K GEMM: enough blocks to fill the GPU
     (IG_WGRAD_TARGET_BLOCKS), at least IG_WGRAD_MIN_TILES slices each, at most IG_WGRAD_MAX_SPLITS (the
     last block of a tile sums them all); ``splits`` overrides the count."""
     o, c, kh, kw = w_shape
     n, _, ho, wo = dy_shape
-    bm, bn, bk = (_ig_tile(_WGRAD) if tile is None else tile)[:3]
+    bm, bn, bk = (_ig_tile(_WGRAD, dyop) if tile is None else tile)[:3]
     ktiles = ceil_div(n * ho * wo, bk)
     if splits is None:
         blocks = ceil_div(o, bm) * ceil_div(c * kh * kw + has_bias, bn)
@@ -1094,7 +1114,7 @@ def conv2d_backward_weight_implicit_gemm(dy, x, dw, stride, padding, db=None, sp
             fill(db, 0.0)
         return dw
     has_bias = int(db is not None)
-    tile = _ig_tile(_WGRAD) if tile is None else tuple(tile)
+    tile = _ig_tile(_WGRAD, dyop) if tile is None else tuple(tile)
     nsplit, per = wgrad_splits(dw.shape, out_shape, has_bias, splits, tile)
     cols = c * dw.shape[2] * dw.shape[3] + has_bias
     _ig_check_elements(partial_tiles=(nsplit, o, cols))

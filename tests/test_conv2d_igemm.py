@@ -232,15 +232,21 @@ def test_dx_dw_db_through_a_relu_mask(kernel_backend, rng, case):
         np.testing.assert_allclose(got.copy_to_host(), want, err_msg=name, **TOL)
 
 
-@pytest.mark.parametrize("case", list(FUSED_CASES))
+POOL_CASES = {
+    "5x5-p2-odd": (1, 1, 7, 5, 3, (5, 5), (1, 1), (2, 2), True),  # conv 7x5 -> pooled 3x2
+    "3x3-s2-nobias": FUSED_CASES["3x3-s2-nobias"],  # conv 4x7 -> pooled 2x3, dX on the stride grid
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_CASES))
 def test_dx_dw_db_through_relu_and_pool_equal_the_routed_reference(kernel_backend, rng, case):
     """pool_idx= with mask = the fused forward's pooled output: the pooled gradient routed through the
     argmax where the output is > 0 (odd conv sizes: the last row or column is in no window), then dX
-    and dW + db (1 and 3 splits, same values) against float64."""
+    and dW + db (1 and 3 splits on the simulator's tile; 2 on the GPU's masked-dW tile) against float64."""
     from numba import cuda
 
     k = _k()
-    x, wt, b, _, s, p = _problem(rng, FUSED_CASES[case])
+    x, wt, b, _, s, p = _problem(rng, POOL_CASES[case])
     y, idx = (a.copy_to_host() for a in k.conv2d_relu_maxpool_fused(
         _dev(x), _dev(wt), _dev(b), *(cuda.device_array(sh, dt) for sh, dt in (
             (k.fused_output_shape(x.shape, wt.shape, s, p), np.float32),
@@ -252,10 +258,11 @@ def test_dx_dw_db_through_relu_and_pool_equal_the_routed_reference(kernel_backen
     dx = cuda.device_array(x.shape, np.float32)
     k.conv2d_backward_input_implicit_gemm(_dev(dpool), _dev(wt), dx, s, p, mask=_dev(y), pool_idx=_dev(idx))
     np.testing.assert_allclose(dx.copy_to_host(), dxr, **TOL)
-    for splits in (1, 3):
+    runs = ((1, None), (3, None)) if case == "5x5-p2-odd" else ((2, k.IG_GPU_WGRAD_MASKED_TILE),)
+    for splits, tile in runs:  # the simulator's tile; the GPU's masked-dW tile on the smaller case
         dw, db = cuda.device_array(wt.shape, np.float32), cuda.device_array(wt.shape[0], np.float32)
         k.conv2d_backward_weight_implicit_gemm(_dev(dpool), _dev(x), dw, s, p, db=db, splits=splits, mask=_dev(y),
-                                               pool_idx=_dev(idx))
+                                               pool_idx=_dev(idx), tile=tile)
         np.testing.assert_allclose(dw.copy_to_host(), dwr, err_msg=str(splits), **TOL)
         np.testing.assert_allclose(db.copy_to_host(), dbr, err_msg=str(splits), **TOL)
 

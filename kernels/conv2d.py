@@ -913,8 +913,11 @@ _IG_SCRATCH = {}  # dW's partial tiles, its tickets and 1-element stand-ins: all
 def _ig_scratch(name, size, dtype=np.float32):
     buf = _IG_SCRATCH.get(name)
     if buf is None or buf.shape[0] < size:
-        if name == "tickets":  # zeros: every ticket starts at 0 (and the last block resets it)
-            buf = _IG_SCRATCH[name] = cuda.to_device(np.zeros(max(size, 64), dtype))
+        if name == "tickets":  # zeros: every ticket starts at 0 (and the last block resets it); an old
+            # buffer is kept alive, as a captured CUDA graph may still use it
+            if buf is not None:
+                _IG_SCRATCH.setdefault("retired", []).append(buf)
+            buf = _IG_SCRATCH[name] = cuda.to_device(np.zeros(max(size, 1024), dtype))
         else:
             buf = _IG_SCRATCH[name] = cuda.device_array(max(size, 1), dtype)
     return buf

@@ -7,7 +7,11 @@ linear layer run on the arrays as they are:
     forward   y  = x · wᵀ + b      gemm(x,  w, y,  trans_b=True, bias=b)     (N, in) x (out, in)ᵀ
     backward  dx = dy · w          gemm(dy, w, dx)                           (N, out) x (out, in)
               dw = dyᵀ · x         gemm(dy, x, dw, trans_a=True)             (N, out)ᵀ x (N, in)
-              db = Σ_rows dy       bias_grad(dy, db)                         its own column reduction
+              db = Σ_rows dy       bias_grad(dy, db), or dw's extra column   (split_k_ticket: rowsum=db)
+
+``linear_forward``/``linear_backward`` run those; on split_k_ticket (the default for the dense layers'
+shapes) a layer is one launch forward (bias, and ReLU for a fused Linear -> ReLU, in the epilogue) and
+two backward (dx; dw with db), dy read through the ReLU's stored output (``mask=``) when it follows one.
 
 Versions (rising in complexity, falling in run time):
 
@@ -24,8 +28,13 @@ Versions (rising in complexity, falling in run time):
     split_k         for small M x N with a long K (dense layers: batch 128 x 400 -> 120 and the weight
                     gradients): 64 x 64 tiles, K cut into slices over blockIdx.z, each block writing a
                     partial tile; a second kernel sums the slices in a fixed order (bit-identical runs)
+    split_k_ticket  split_k in one launch: each block fences its partial tile and takes a ticket from
+                    its tile's counter (an atomic); the last to arrive sums the slices in slice order
+                    (split_k's bits, every run) and resets the counter (no clearing launch, so a CUDA
+                    graph replays it). Its epilogue also takes ReLU, op(A) through a mask and op(A)'s
+                    row sums (a linear layer's db) as an extra column of ones in op(B)
 
-``version=None`` (the default) picks split_k or register_tiled by shape (``pick_version``). The
+``version=None`` (the default) picks split_k_ticket or register_tiled by shape (``pick_version``). The
 static figures of each (registers, occupancy, FFMA share of the hottest loop): ``gpu-cnn kernels
 --only gemm``; the timings: ``python -m benchmarks.kernels --only gemm,linear``.
 
@@ -854,13 +863,18 @@ def gemm_split_k(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, bia
     return c
 
 
-_tickets = {"buf": None}  # split_k_ticket's tile counters: zeros, grown when a launch has more tiles
+# split_k_ticket's tile counters: zeros (each launch leaves them so), grown when a launch has more tiles.
+# A buffer once handed out is never freed (kept in "retired"): a captured CUDA graph may still use it.
+_tickets = {"buf": None, "retired": []}
+TICKETS_MIN = 4096  # counters allocated at least: every grid up to 4096 tiles of 64 x 64 shares one buffer
 
 
 def _ticket_counters(tiles):
     buf = _tickets["buf"]
     if buf is None or buf.shape[0] < tiles:
-        buf = cuda.to_device(np.zeros(max(tiles, 64), np.int32))  # zeros: every ticket starts at 0
+        if buf is not None:
+            _tickets["retired"].append(buf)
+        buf = cuda.to_device(np.zeros(max(tiles, TICKETS_MIN), np.int32))  # zeros: every ticket starts at 0
         _tickets["buf"] = buf
     return buf
 

@@ -214,10 +214,10 @@ def _route(dpool, y, idx, conv_shape):
     return d
 
 
-@pytest.mark.parametrize("case", ["3x3-s1-p1", "5x5-s2-p2-nobias"])
+@pytest.mark.parametrize("case", ["5x5-s2-p2-nobias"])
 def test_dx_dw_db_through_a_relu_mask(kernel_backend, rng, case):
     """mask= (a ReLU's output, straddling 0 with exact zeros): dX and dW + db (2 splits) equal the float64
-    gradients of dy * (mask > 0), on a stride-1 and a stride-2 (stride-grid) dX."""
+    gradients of dy * (mask > 0), on a stride-2 (stride-grid) dX; stride 1 runs in the pool test below."""
     from numba import cuda
 
     k = _k()

@@ -93,12 +93,19 @@ class Trainer:
     checkpoint_path: where to save the model after every good epoch (kept if training later fails);
     distributed: data-parallel over MPI/NCCL ranks (gpu_cnn.distributed); None = on when launched by
     mpiexec/srun with $GPU_CNN_DISTRIBUTED=1. batch_size is then the global batch, split across ranks
-    (each step then reads its loss back: the ranks agree on a NaN at every step).
+    (each step then reads its loss back: the ranks agree on a NaN at every step);
+    planned_step: on the kernel backends, ``fit`` records a full batch's launches on its second and third
+    steps and, if they agree, replays them from then on without the layers' Python (gpu_cnn.graph;
+    ``trainer.planner.reason`` says why a step was not planned, e.g. Dropout's per-step mask);
+    cuda_graph: on ``cuda``, replay the planned step as one CUDA graph launch (None: wherever capture
+    works; a failed capture warns once and falls back to the launches). Needs a fixed batch size: the
+    last, partial batch of an epoch runs eagerly. On ``sim`` and ``cpu`` it is accepted and has no effect.
     """
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None,
-                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5, distributed=None):
+                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5, distributed=None,
+                 cuda_graph=None, planned_step=True):
         from .nn import Module
         from .optim import OPTIMIZERS, make_optimizer
 
@@ -155,6 +162,14 @@ class Trainer:
         if self.dp:
             self.dp.broadcast_parameters(model)  # every rank starts from rank 0's weights
         self._saved = False  # whether a checkpoint was written by this trainer
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph: expected True, False or None, got {cuda_graph!r}")
+        if not isinstance(planned_step, bool):
+            raise TypeError(f"planned_step: expected True or False, got {planned_step!r}")
+        self.cuda_graph, self.planned_step = cuda_graph, planned_step
+        from .graph import StepPlanner
+
+        self.planner = StepPlanner(cuda_graph=cuda_graph, enabled=planned_step)
         self.ws = Workspace("loss")
         self.staging = HostStaging()
         self.rng = np.random.default_rng(seed)
@@ -217,12 +232,19 @@ class Trainer:
     def _device_step(self, x, y, step):
         """train_step for fit on the kernel backends, with nothing read back: the labels were range-checked
         when fit got them, the loss goes straight to the device accumulator (kernels.metrics)."""
+        xd = self._images(x)
+        labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
+        self.planner.step(len(y), (xd, labels), lambda: self._device_compute(xd, labels, step),
+                          token=self.optimizer.lr)
+
+    def _device_compute(self, xd, labels, step):
+        """What a device step launches once its inputs are on the device (recorded and replayed by the
+        planner: see gpu_cnn.graph)."""
         from .kernels import metrics as kmetrics
         from .kernels import softmax as ksoftmax
 
-        logits = self.model.forward(self._images(x))
+        logits = self.model.forward(xd)
         n, c = logits.shape
-        labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
         probs = self.ws.get("probs", (n, c))
         losses = self.ws.get("row_loss", (n + 1,))
         ksoftmax.softmax_cross_entropy_forward(logits, labels, probs, losses[:n], losses[n:])
@@ -251,6 +273,7 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _restore(self, snapshot):
+        self.planner.reset()
         model_state, optimizer_state = snapshot
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
@@ -276,6 +299,7 @@ class Trainer:
             self._check_fits_model("val_data", vx, vy)
             val_data = (vx, vy)
         good = self._snapshot()
+        self.planner.reset()  # a plan lives within one fit: layers or buffers may change between fits
         for _ in range(epochs):
             epoch = len(self.history) + 1
             t0 = time.perf_counter()

@@ -231,26 +231,22 @@ class Trainer:
 
     def _device_step(self, x, y, step):
         """train_step for fit on the kernel backends, with nothing read back: the labels were range-checked
-        when fit got them, the loss goes straight to the device accumulator (kernels.metrics)."""
+        when fit got them, the loss goes straight to the device accumulator (kernels.metrics), which
+        numbers the batches itself (acc[5]: the same count as `step` since the epoch's reset)."""
         xd = self._images(x)
         labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
-        self.planner.step(len(y), (xd, labels), lambda: self._device_compute(xd, labels, step),
+        self.planner.step(len(y), (xd, labels), lambda: self._device_compute(xd, labels),
                           token=self.optimizer.lr)
 
-    def _device_compute(self, xd, labels, step):
+    def _device_compute(self, xd, labels):
         """What a device step launches once its inputs are on the device (recorded and replayed by the
         planner: see gpu_cnn.graph)."""
         from .kernels import metrics as kmetrics
-        from .kernels import softmax as ksoftmax
 
         logits = self.model.forward(xd)
         n, c = logits.shape
-        probs = self.ws.get("probs", (n, c))
-        losses = self.ws.get("row_loss", (n + 1,))
-        ksoftmax.softmax_cross_entropy_forward(logits, labels, probs, losses[:n], losses[n:])
-        kmetrics.accumulate(losses[:n], probs, labels, self._acc, step)
         dlogits = self.ws.get("dlogits", (n, c))
-        ksoftmax.softmax_cross_entropy_backward(probs, labels, dlogits)
+        kmetrics.train_loss_step(logits, labels, dlogits, self._acc)  # softmax, loss, dlogits, metrics: one launch
         self.model.backward(dlogits)
         self.optimizer.step()
 

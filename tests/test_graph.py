@@ -1,6 +1,9 @@
 """Recorded steps (gpu_cnn.graph): launches recorded while a step runs, checked against a second step,
 replayed on new inputs; a changing argument refuses, naming the kernel and the argument; host effects
 run at every replay. Checked against NumPy under the simulator, on real (tiny) kernels."""
+import collections
+import warnings
+
 import numpy as np
 import pytest
 
@@ -119,3 +122,108 @@ def test_planner_keeps_a_refused_size_eager_and_says_why(step_buffers, rng):
 def test_a_host_array_argument_refuses(kernel_backend):
     with pytest.raises(graph.PlanError, match="host \\(NumPy\\) array"):
         graph._arg_key(np.zeros(3, np.float32))
+
+
+# --- the planned step inside Trainer.fit (sim: real kernels, tiny shapes) ---------------------------
+
+from gpu_cnn import nn  # noqa: E402
+from gpu_cnn.trainer import Trainer, TrainingError  # noqa: E402
+
+
+def _tiny(seed=0, norm=False, dropout=False):
+    nn.manual_seed(seed)
+    layers = [nn.Conv2d(1, 2, 3, padding=1)] + ([nn.BatchNorm2d(2)] if norm else []) + [nn.ReLU(), nn.MaxPool2d(2),
+                                                                                      nn.Flatten()]
+    layers += ([nn.Dropout(0.5, seed=3)] if dropout else []) + [nn.Linear(8, 3)]
+    return nn.Sequential(*layers)
+
+
+def _data(n=8):
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((n, 1, 4, 4)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def _fit(backend, optimizer="sgd", norm=False, epochs=1, **kw):
+    gpu_cnn.set_backend(backend)
+    model = _tiny(norm=norm)
+    trainer = Trainer(model, optimizer=optimizer, lr=0.05, batch_size=2, seed=0, progress=False, **kw)
+    history = trainer.fit(_data(), epochs=epochs)  # 4 steps an epoch: 1 eager, 2 recorded, 1 replayed
+    return trainer, history, model.state_dict()
+
+
+# (not Adam with BatchNorm: the conv bias before it gets a gradient of rounding noise, which Adam's
+# normalisation turns into full-size steps of either sign)
+@pytest.mark.parametrize("optimizer, norm", [("sgd", True), ("adam", False)])
+def test_planned_fit_replays_and_gives_the_cpu_weights(kernel_backend, optimizer, norm):
+    trainer, hist_k, w_k = _fit(kernel_backend, optimizer, norm)
+    assert trainer.planner.plan(2) is not None and trainer.planner.replays == 1, trainer.planner.reason
+    _, hist_c, w_c = _fit("cpu", optimizer, norm)
+    gpu_cnn.set_backend(kernel_backend)
+    np.testing.assert_allclose(hist_k[0]["train_loss"], hist_c[0]["train_loss"], rtol=1e-5)
+    assert hist_k[0]["train_acc"] == hist_c[0]["train_acc"]
+    for k in w_c:  # weights, BatchNorm's running statistics and num_batches_tracked (4: replays count)
+        np.testing.assert_allclose(w_k[k], w_c[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert trainer.optimizer.step_count == 4 and trainer.optimizer.state_dict()["step"] == 4
+    if norm:
+        assert int(w_k["1.num_batches_tracked"]) == 4
+
+
+def test_nan_during_replay_stops_names_the_step_and_rolls_back(kernel_backend, monkeypatch):
+    trainer, _, _ = _fit(kernel_backend)
+    model = trainer.model
+    before = model.state_dict()
+    real = trainer._device_step
+
+    def poisoned(x, y, step):
+        if step == 4:  # a replayed step: the weight is written in place, into the buffer the plan reads
+            w = model.parameters()[0]
+            host = w.numpy()
+            host.flat[0] = np.nan
+            w.assign(host)
+        return real(x, y, step)
+
+    monkeypatch.setattr(trainer, "_device_step", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 4: training stopped"):
+        trainer.fit(_data(), epochs=1)
+    after = model.state_dict()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+@pytest.fixture
+def probe(kernel_backend):
+    """Kernel bodies skipped (benchmarks.host's probe): for what the planner decides, not what it computes."""
+    from benchmarks.host import HostProbe
+
+    with HostProbe() as p:
+        yield p
+
+
+def test_dropout_is_not_replayed_and_says_why(probe):
+    trainer = Trainer(_tiny(dropout=True), lr=0.05, batch_size=2, seed=0, progress=False, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on sim, cuda_graph=True is accepted without a word
+        trainer.fit(_data(10), epochs=1)
+    assert trainer.planner.plan(2) is None and trainer.planner.replays == 0
+    assert "dropout" in trainer.planner.reason and "changes from step to step" in trainer.planner.reason
+
+
+def test_a_replayed_step_launches_what_an_eager_one_does(probe):
+    trainer = Trainer(_tiny(), lr=0.05, batch_size=2, seed=0, progress=False)
+    trainer.fit(_data(6), epochs=1)  # 3 steps: eager, recorded, recorded
+    assert trainer.planner.plan(2) is not None
+    eager = collections.Counter(trainer.planner.plan(2).kernels)
+    probe.reset()
+    trainer.fit(_data(10), epochs=1)  # 5 steps: 3 as above, then 2 replays
+    assert trainer.planner.replays == 2
+    assert dict(probe.kernels) == {k: 5 * n for k, n in eager.items()}
+
+
+def test_planned_step_off_and_graph_options_are_checked(probe):
+    trainer = Trainer(_tiny(), lr=0.05, batch_size=2, progress=False, planned_step=False)
+    trainer.fit(_data(10), epochs=1)
+    assert trainer.planner.replays == 0 and trainer.planner.plan(2) is None
+    with pytest.raises(TypeError, match="cuda_graph: expected True, False or None"):
+        Trainer(_tiny(), cuda_graph="yes")
+    with pytest.raises(TypeError, match="planned_step: expected True or False"):
+        Trainer(_tiny(), planned_step=1)

@@ -148,7 +148,7 @@ def _patch_launches(rec):
 
     def launch(k, args, griddim, blockdim, stream=0, sharedmem=0):
         rec.launches.append(Launch(k, _dims(griddim), _dims(blockdim), stream, int(sharedmem), tuple(args),
-                                   k.entry_name if hasattr(k, "entry_name") else type(k).__name__))
+                                   getattr(getattr(k, "py_func", None), "__name__", type(k).__name__)))
         return old(k, args, griddim, blockdim, stream, sharedmem)
 
     dispatcher._Kernel.launch = launch

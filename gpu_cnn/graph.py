@@ -93,18 +93,46 @@ class Recording:
         self.effects = []
 
     def keys(self, inputs=()):
-        """Per launch: (name, grid, block, shared, argument keys), the recorded ``inputs`` named by position."""
-        named = {}
-        for i, a in enumerate(inputs):
-            named[_array_key(a)] = ("input", i)
+        """Per launch: (name, grid, block, shared, argument keys); an array lying inside one of ``inputs``
+        (the input itself, or a view of it such as a flattened batch) is named by the input's position and
+        its byte offset there, so that two steps on different input buffers compare equal."""
+        spans = [_span(a) for a in inputs]
         out = []
         for L in self.launches:
             args = []
             for a in L.args:
                 k = _array_key(a)
-                args.append(named[k] if k is not None and k in named else _arg_key(a))
+                where = _inside(k, spans) if k is not None else None
+                args.append(("input", where[0], where[1]) + k[1:] if where else _arg_key(a))
             out.append((L.name, tuple(L.grid), tuple(L.block), L.shared, tuple(args)))
         return out
+
+
+def _span(a):
+    """(first byte address, bytes) of a contiguous device array."""
+    k = _array_key(a)
+    return k[0], int(np.prod(k[1], dtype=np.int64)) * np.dtype(k[3]).itemsize
+
+
+def _inside(key, spans):
+    """(input index, byte offset) of the array with ``key`` if it starts inside one of ``spans``."""
+    for i, (start, size) in enumerate(spans):
+        if start <= key[0] < start + max(size, 1):
+            return i, key[0] - start
+    return None
+
+
+def _view_at(base, offset, like):
+    """A device array over ``base``'s memory at byte ``offset``, with ``like``'s shape, strides and dtype."""
+    from numba.cuda.simulator.cudadrv import devicearray as fake
+
+    if isinstance(base, fake.FakeCUDAArray):
+        arr = np.ndarray(like._ary.shape, like._ary.dtype, buffer=base._ary, offset=offset,
+                         strides=like._ary.strides)
+        return fake.FakeCUDAArray(arr)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(like.shape, like.strides, like.dtype, gpu_data=base.gpu_data.view(offset))
 
 
 def _dims(d):
@@ -189,20 +217,25 @@ class StepPlan:
         self.graph_error = None  # why the graph could not be used, if it could not
 
     def _substitute(self, inputs):
-        """The recorded launches' arguments with the recorded inputs replaced by ``inputs``."""
+        """The recorded launches' arguments with the recorded inputs (and views of them) moved onto
+        ``inputs``."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"inputs: expected {len(self.inputs)} device arrays, got {len(inputs)}")
-        swap = {}
         for old, new in zip(self.inputs, inputs):
             ko, kn = _array_key(old), _array_key(new)
             if kn is None or ko[1:] != kn[1:]:
                 raise ValueError(f"inputs: a replayed step needs device arrays shaped like the recorded ones "
                                  f"({ko[1]}), got {kn[1] if kn else type(new).__name__}")
-            swap[ko] = new
+        spans = [_span(a) for a in self.inputs]
+        same = all(_array_key(o) == _array_key(n) for o, n in zip(self.inputs, inputs))
         out = []
         for L in self.recording.launches:
-            args = tuple(swap.get(_array_key(a), a) if _array_key(a) is not None else a for a in L.args)
-            out.append((L, args))
+            args = []
+            for a in L.args:
+                k = _array_key(a)
+                where = None if same or k is None else _inside(k, spans)
+                args.append(_view_at(inputs[where[0]], where[1], a) if where else a)
+            out.append((L, tuple(args)))
         return out
 
     def replay(self, inputs=()):

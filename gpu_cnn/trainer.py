@@ -172,6 +172,7 @@ class Trainer:
         self.planner = StepPlanner(cuda_graph=cuda_graph, enabled=planned_step)
         self.ws = Workspace("loss")
         self.staging = HostStaging()
+        self._feeder = None  # fit's double-buffered batches to the device (memory.BatchFeeder), made once
         self.rng = np.random.default_rng(seed)
         self.history = []
 
@@ -229,14 +230,18 @@ class Trainer:
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
-    def _device_step(self, x, y, step):
-        """train_step for fit on the kernel backends, with nothing read back: the labels were range-checked
-        when fit got them, the loss goes straight to the device accumulator (kernels.metrics), which
-        numbers the batches itself (acc[5]: the same count as `step` since the epoch's reset)."""
-        xd = self._images(x)
-        labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
-        self.planner.step(len(y), (xd, labels), lambda: self._device_compute(xd, labels),
+    def _device_step(self, batch, step, following=None):
+        """train_step for fit on the kernel backends, with nothing read back. ``batch``: a BatchFeeder slot
+        already being copied to the device (images and labels were checked when fit got them); the loss
+        goes straight to the device accumulator (kernels.metrics), which numbers the batches itself
+        (acc[5]: the same count as ``step`` since the epoch's reset). ``following``: the next host batch
+        (x, y), whose copy starts once this step's launches are queued; returns its slot."""
+        _, xd, labels = batch
+        self._feeder.ready(batch)
+        self.planner.step(labels.shape[0], (xd, labels), lambda: self._device_compute(xd, labels),
                           token=self.optimizer.lr)
+        self._feeder.consumed(batch)
+        return self._feeder.put(*following) if following is not None else None
 
     def _device_compute(self, xd, labels):
         """What a device step launches once its inputs are on the device (recorded and replayed by the
@@ -307,6 +312,11 @@ class Trainer:
                 from .kernels import metrics as kmetrics
 
                 self._acc = kmetrics.reset(self.ws.get("metrics", (kmetrics.SLOTS,), np.float64))
+                if self._feeder is None:
+                    from .memory import BatchFeeder
+
+                    self._feeder = BatchFeeder()
+                pending = self._feeder.put(x[order[:self.batch_size]], y[order[:self.batch_size]])
             shown = time.perf_counter()
             try:
                 for start in range(0, len(y), self.batch_size):
@@ -317,7 +327,8 @@ class Trainer:
                         idx, n_here = self.dp.shard(idx)
                     seen += n_here
                     if on_device:  # nothing read back: the loss and the accuracy accumulate on the device
-                        self._device_step(x[idx], y[idx], step)
+                        nxt = order[start + self.batch_size:start + 2 * self.batch_size]
+                        pending = self._device_step(pending, step, (x[nxt], y[nxt]) if len(nxt) else None)
                         if self._loss_ref is None:  # one read in the Trainer's life: the first step's loss
                             first, _, bad_step, bad_loss = self._read_metrics()
                             if bad_step is not None:

@@ -18,7 +18,7 @@ def _relu_then_sgd(x, p, lr=0.5):
     from gpu_cnn.kernels import optim as KO
 
     y = _relu_then_sgd.buf
-    KA.relu_naive(x, y)
+    KA.relu_naive(x.reshape(x.size) if x.ndim > 1 else x, y)  # a view of an input, as layers make them
     KO.sgd_step(p, y, None, lr)
 
 
@@ -37,7 +37,8 @@ def _record(fn, *args):
 def test_replay_runs_the_recorded_launches_on_new_inputs(step_buffers, rng):
     p = step_buffers
     xs = [rng.standard_normal(7).astype(np.float32) for _ in range(4)]
-    inputs = [_base.to_device(x) for x in xs[:2]]  # two input buffers: double-buffered batches
+    # two input buffers (double-buffered batches), each read through a flattened view
+    inputs = [_base.to_device(x.reshape(7, 1)) for x in xs[:2]]
     r1 = _record(_relu_then_sgd, inputs[0], p)
     r2 = _record(_relu_then_sgd, inputs[1], p)
     assert [L.name for L in r2.launches] == [L.name for L in r1.launches] and len(r1.launches) == 2
@@ -45,7 +46,7 @@ def test_replay_runs_the_recorded_launches_on_new_inputs(step_buffers, rng):
     want = -0.5 * (np.maximum(xs[0], 0) + np.maximum(xs[1], 0))
     np.testing.assert_allclose(p.copy_to_host(), want, rtol=1e-6)  # the recorded steps ran
     for k, x in enumerate(xs[2:]):  # replays, alternating the two input buffers
-        inputs[k % 2].copy_to_device(x)
+        inputs[k % 2].copy_to_device(x.reshape(7, 1))
         plan.replay((inputs[k % 2],))
         want = want - 0.5 * np.maximum(x, 0)
         np.testing.assert_allclose(p.copy_to_host(), want, rtol=1e-6, atol=1e-7)
@@ -174,13 +175,13 @@ def test_nan_during_replay_stops_names_the_step_and_rolls_back(kernel_backend, m
     before = model.state_dict()
     real = trainer._device_step
 
-    def poisoned(x, y, step):
+    def poisoned(batch, step, following=None):
         if step == 4:  # a replayed step: the weight is written in place, into the buffer the plan reads
             w = model.parameters()[0]
             host = w.numpy()
             host.flat[0] = np.nan
             w.assign(host)
-        return real(x, y, step)
+        return real(batch, step, following)
 
     monkeypatch.setattr(trainer, "_device_step", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 4: training stopped"):
@@ -227,3 +228,26 @@ def test_planned_step_off_and_graph_options_are_checked(probe):
         Trainer(_tiny(), cuda_graph="yes")
     with pytest.raises(TypeError, match="planned_step: expected True or False"):
         Trainer(_tiny(), planned_step=1)
+
+
+def test_batch_feeder_alternates_two_planned_slots(kernel_backend, rng):
+    from gpu_cnn.memory import BatchFeeder
+
+    feeder = BatchFeeder()
+    batches = [(rng.standard_normal((3, 1, 2, 2)), rng.integers(0, 9, 3)) for _ in range(3)]
+    batches.append((rng.standard_normal((2, 1, 2, 2)), rng.integers(0, 9, 2)))  # a last, partial batch
+    tokens = []
+    before = None
+    for k, (x, y) in enumerate(batches):
+        tok = feeder.put(x, y)
+        if k == 2:
+            assert _base.allocation_stats() == before  # the third batch reuses the first one's slot
+        before = _base.allocation_stats()
+        feeder.ready(tok)
+        _, xd, yd = tok
+        np.testing.assert_array_equal(xd.copy_to_host(), x.astype(np.float32))
+        assert yd.copy_to_host().dtype == np.int32 and (yd.copy_to_host() == y).all()
+        feeder.consumed(tok)
+        tokens.append(tok)
+    assert tokens[0][0] is tokens[2][0] and tokens[1][0] is tokens[3][0] and tokens[0][0] is not tokens[1][0]
+    assert tokens[3][1].shape == (2, 1, 2, 2)  # a view of the slot's planned buffer

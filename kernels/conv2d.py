@@ -60,8 +60,11 @@ Static figures on sm_90 (ptxas + nvdisasm, no GPU; innermost loop of the kernel;
     direct dW (block per weight)          48       0        5.3%   -
     implicit_gemm forward (3x3 s1)       127       0       71.1%   0.25
     implicit_gemm dX (3x3 s1)            124       0       70.3%   0.25
-    implicit_gemm dW (3x3 s1, 64x64)     128       0       70.3%   0.25
+    implicit_gemm dW (3x3 s1, 64x64)     126       0       70.3%   0.25   (one launch: the ticket epilogue)
     fused conv+ReLU+pool (5x5 s1)        116       0       71.1%   0.25
+    dX through ReLU + pool (5x5 s1)      113       0       71.1%   0.25   (2026-12-02)
+    dW through ReLU + pool (5x5, BK 4)   124       0       71.1%   0.25
+    (every implicit-GEMM kernel is built with launch bounds that hold it to 128 registers)
 
     The innermost loop of the implicit-GEMM kernels is the BK = 8 step of outer products (64 FFMA,
     16 shared loads, ~90 instructions). Counted per K-slice -- the gather of the next slice once (~440

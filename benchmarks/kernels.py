@@ -588,7 +588,7 @@ def build_cases(sweep, backend):
     cases += linear_cases("lenet.fc2", B, 120, 84)
     cases += linear_cases("lenet.fc3", B, 84, 10)
     # the dense layers' three products one by one (batch 128): forward x·wᵀ (nt), dx = dy·w (nn),
-    # dw = dyᵀ·x (tn): where split_k is the dispatcher's pick
+    # dw = dyᵀ·x (tn): where split_k_ticket is the dispatcher's pick
     for name, fin, fout in (("fc1", 400, 120), ("fc2", 120, 84), ("fc3", 84, 10)):
         cases += gemm_cases(f"lenet.{name}.fwd", B, fout, fin, layouts=("nt",))
         cases += gemm_cases(f"lenet.{name}.dx", B, fin, fout, layouts=("nn",))

@@ -13,12 +13,19 @@ buffers start as zeros so the skipped arithmetic gives finite losses), and every
 device or pinned allocation and synchronisation is counted too. The host milliseconds are then the
 orchestrator's Python alone: Numba's own launch cost on a real GPU comes on top (launches × ~15 µs).
 
-Three ways of feeding a step, each after one planning step that is not counted:
+Four ways of running a step, each after planning steps that are not counted:
 
 * ``host batch``: ``Trainer.train_step(x, y)`` with NumPy images and labels (staged to the device);
 * ``device batch``: ``train_step`` with images and labels already on the device;
-* ``inside fit``: ``Trainer.fit`` over two data sets of different lengths (S1 and S2 steps, one epoch
-  each); per step = (count(S2) - count(S1)) / (S2 - S1), so what ``fit`` does once per epoch cancels.
+* ``fit, eager``: ``Trainer(planned_step=False).fit`` over two data sets of different lengths (S1 and S2
+  steps, one epoch each); per step = (count(S2) - count(S1)) / (S2 - S1), so what ``fit`` does once per
+  epoch (including the planned step's warm-up and recording) cancels;
+* ``inside fit``: the same with the default ``Trainer``: after its third step ``fit`` replays the
+  recorded launches of a step (gpu_cnn.graph) instead of running the layers' Python.
+
+The kernel choices are the ``cuda`` backend's (``--defaults cuda``, the default): Sequential's fusion and
+the implicit-GEMM conv forward, which the simulator leaves off to save time when it runs kernel bodies.
+``gpu-cnn bench host`` runs the same benchmark (results under ``runs/bench/`` unless ``--out``).
 
 Figures per step: kernel launches (and which kernels), H2D / D2H / D2D copies, synchronisations (explicit
 ones, and blocking D2H copies, which also wait for the device), device and pinned allocations, and the
@@ -40,17 +47,21 @@ from . import common as C
 
 IMAGE = (1, 28, 28)
 CLASSES = 10
-MODES = ("host batch", "device batch", "inside fit")
+MODES = ("host batch", "device batch", "fit, eager", "inside fit")
+PROG = "python -m benchmarks.host"
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="lenet5", help="a gpu_cnn.models name (default lenet5)")
     ap.add_argument("--optimizer", default="sgd", help="sgd, adam or adamw (default sgd)")
     ap.add_argument("--batch-size", type=int, default=128, help="images a step (default 128)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     ap.add_argument("--out", default=None, help="output folder (default: the benchmarks' results folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--defaults", choices=("cuda", "sim"), default="cuda",
+                    help="kernel choices: cuda (default: what a GPU runs, fusion and implicit-GEMM conv on) or "
+                         "sim (the simulator's own defaults)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error(f"--batch-size: expected an int >= 1, got {args.batch_size}")
@@ -180,12 +191,32 @@ def _data(rng, n):
     return x, y
 
 
-def _trainer(args):
+def _trainer(args, planned_step=True):
     import gpu_cnn
 
     model = gpu_cnn.models.get_model(args.model, num_classes=CLASSES, seed=args.seed)
     return gpu_cnn.Trainer(model, optimizer=args.optimizer, lr=1e-3, batch_size=args.batch_size,
-                           seed=args.seed, progress=False)
+                           seed=args.seed, progress=False, planned_step=planned_step)
+
+
+@contextlib.contextmanager
+def kernel_defaults(which):
+    """The kernel choices of ``which`` backend while inside: "cuda" turns on what the simulator leaves
+    off for speed (Sequential's fusion, the implicit-GEMM conv forward); "sim" changes nothing."""
+    if which != "cuda":
+        yield
+        return
+    from gpu_cnn import fusion
+    from gpu_cnn.kernels import conv2d
+
+    was = (fusion._enabled, conv2d.IG_FORWARD_DEFAULT)
+    fusion.set_enabled(True)
+    conv2d.IG_FORWARD_DEFAULT = True
+    try:
+        yield
+    finally:
+        fusion.set_enabled(was[0])
+        conv2d.IG_FORWARD_DEFAULT = was[1]
 
 
 def measure_steps(args, probe, device):
@@ -208,15 +239,15 @@ def measure_steps(args, probe, device):
     return _per_step(counts, args.steps), {k: v / args.steps for k, v in kernels.items()}, times
 
 
-def measure_fit(args, probe, repeats=3):
+def measure_fit(args, probe, repeats=3, planned_step=True):
     """Per-step counts and host ms inside Trainer.fit, from runs of two lengths (S1 < S2 steps): the
     difference cancels what fit does once an epoch. A warm-up fit comes first; the ms is the median of
     `repeats` differences, the runs of the two lengths interleaved."""
     rng = np.random.default_rng(args.seed)
     s1, s2 = max(1, args.steps // 4), args.steps
     x, y = _data(rng, args.batch_size * s2)
-    trainer = _trainer(args)
-    trainer.fit((x[: args.batch_size], y[: args.batch_size]), epochs=1)  # plans every buffer, warms up fit
+    trainer = _trainer(args, planned_step)
+    trainer.fit((x[: args.batch_size * s1], y[: args.batch_size * s1]), epochs=1)  # plans buffers, warms up
     runs = {s1: [], s2: []}
     for _ in range(repeats):
         for steps in (s1, s2):
@@ -229,15 +260,17 @@ def measure_fit(args, probe, repeats=3):
     counts = {e: (c2.get(e, 0) - c1.get(e, 0)) / d for e in EVENTS}
     kernels = {k: (k2.get(k, 0) - k1.get(k, 0)) / d for k in set(k1) | set(k2)}
     times = [(b[0] - a[0]) / d for a, b in zip(runs[s1], runs[s2])]
+    if planned_step and trainer.planner.plan(args.batch_size) is None:
+        print(f"note: the step was not planned ({trainer.planner.reason})", file=sys.stderr)
     return counts, kernels, times
 
 
 def run(args):
     results = {}
-    with HostProbe() as probe:
+    with HostProbe() as probe, kernel_defaults(args.defaults):
         for mode in MODES:
-            if mode == "inside fit":
-                counts, kernels, times = measure_fit(args, probe)
+            if mode in ("inside fit", "fit, eager"):
+                counts, kernels, times = measure_fit(args, probe, planned_step=(mode == "inside fit"))
             else:
                 counts, kernels, times = measure_steps(args, probe, device=(mode == "device batch"))
             results[mode] = {"per_step": counts, "kernels_per_step": dict(sorted(kernels.items())),
@@ -268,15 +301,20 @@ def markdown(record):
         lines.append(f"| {mode} | {p['launch']:.1f} | {p['h2d']:.1f} | {p['d2h']:.1f} | {p['d2d']:.1f} | "
                      f"{p['sync']:.1f} | {p['blocking_d2h']:.1f} | {p['alloc_device'] + p['alloc_pinned']:.1f} | "
                      f"{r['host_ms']:.3f} |")
-    lines += ["", "Launches per step by kernel (host batch):", ""]
-    for name, n in record["results"]["host batch"]["kernels_per_step"].items():
-        lines.append(f"- `{name}`: {n:g}")
+    lines += ["", f"Kernel choices: the {s.get('defaults', 'cuda')} backend's defaults. ``fit, eager``: "
+              "``Trainer(planned_step=False)``; ``inside fit``: the default, the recorded step replayed "
+              "(gpu_cnn.graph).", "", "Launches per step by kernel (inside fit):", ""]
+    for name, n in record["results"]["inside fit"]["kernels_per_step"].items():
+        if n:
+            lines.append(f"- `{name}`: {n:g}")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=None, prog=PROG, results_root=None):
+    """The benchmark; ``prog`` names it in --help, ``results_root`` replaces benchmarks/results/ as the
+    root of the default output folder (``gpu-cnn bench host`` writes under runs/bench/)."""
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     if "numba.cuda" not in sys.modules:
         os.environ["GPU_CNN_BACKEND"] = "sim"  # this benchmark runs under the simulator; set before numba loads
     import gpu_cnn
@@ -296,7 +334,12 @@ def main(argv=None):
     record["results"] = results
     record["note"] = ("kernel bodies skipped under the CUDA simulator: host ms is the orchestrator's Python; "
                       "on a GPU add Numba's launch cost (~10-20 us a launch)")
-    out = Path(args.out) if args.out else C.default_out_dir(info)
+    if args.out:
+        out = Path(args.out)
+    elif results_root:
+        out = Path(results_root) / C.default_out_dir(info).name
+    else:
+        out = C.default_out_dir(info)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"host-{args.model}-{args.optimizer}-b{args.batch_size}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -758,6 +758,14 @@ def _fit_image(img, path, shape, norm, raw=False, invert=None, notes=None):
 
 
 def cmd_bench(args):
+    rest = getattr(args, "rest", [])
+    if rest[:1] == ["host"]:  # the host-overhead benchmark: under the simulator, so in a process of its own
+        import subprocess
+
+        env = dict(os.environ, GPU_CNN_BACKEND="sim", NUMBA_ENABLE_CUDASIM="1")
+        code = ("import sys; from benchmarks import host; "
+                "sys.exit(host.main(sys.argv[1:], prog='gpu-cnn bench host', results_root='runs/bench'))")
+        return subprocess.call([sys.executable, "-c", code, *rest[1:]], env=env)
     if not args.backend:
         _env_backend()
     argv = ["--backend", args.backend] if args.backend else []
@@ -846,8 +854,11 @@ def build_parser():
     _backend_arg(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="kernel benchmarks (gpu-cnn bench --help lists the options)", add_help=False,
-                       description="The kernel benchmarks (benchmarks/kernels.py); results go to "
+    p = sub.add_parser("bench", help="kernel benchmarks (gpu-cnn bench --help lists the options); "
+                                     "gpu-cnn bench host: a training step's host overhead, no GPU needed",
+                       add_help=False,
+                       description="The kernel benchmarks (benchmarks/kernels.py); `gpu-cnn bench host [--help]`: "
+                                   "the host overhead of a training step (benchmarks/host.py). Results go to "
                                    "runs/bench/<device>-<date>/ unless --out.")
     _backend_arg(p)  # -h/--help and every other option go on to the benchmark itself
     p.set_defaults(func=cmd_bench)

@@ -72,6 +72,78 @@ class HostStaging:
         return dev
 
 
+class BatchFeeder:
+    """Host batches to the device for ``Trainer.fit``: two slots, each a pinned host buffer and a device
+    buffer for the images and the labels, filled in turn. :meth:`put` copies a batch into the next slot
+    and starts its host→device copy on a stream of its own, without waiting for it, so that the copy of
+    batch k+1 is under way while step k runs; :meth:`ready` makes the compute stream wait for a slot's
+    copy, :meth:`consumed` marks where the compute stream is done reading it (the next :meth:`put` into
+    that slot waits for that on the copy stream, never on the host). The batches were checked when fit
+    received them; nothing is checked again here. Device buffers are planned for the largest batch and
+    a smaller one is a view (``buf[:n]``), so a step allocates nothing.
+
+    On ``sim`` the streams and events are the simulator's, and every copy completes at once."""
+
+    def __init__(self):
+        from numba import cuda
+
+        self._cuda = cuda
+        self.stream = cuda.stream()
+        self._compute = cuda.legacy_default_stream()  # where the kernels launch (Numba's stream 0)
+        self._slots = [{}, {}]
+        self._next = 0
+
+    def _buffers(self, slot, x, y):
+        cuda = self._cuda
+        n = x.shape[0]
+        if "x" not in slot or slot["x"].shape[0] < n or slot["x"].shape[1:] != x.shape[1:]:
+            what = "a batch of images for the device"
+            _base.check_alloc(what, x.shape, np.float32)
+            slot["px"] = _pinned_empty(x.shape, np.float32)
+            slot["py"] = _pinned_empty((n,), np.int32)
+            slot["x"] = _base.empty(x.shape, np.float32, what)
+            slot["y"] = _base.empty((n,), np.int32, "a batch of labels for the device")
+            slot["copied"], slot["consumed"] = self._event(), self._event()
+            slot["in_flight"] = slot["read"] = False
+        return slot
+
+    def _event(self):
+        if _backend.get_backend() == "cuda":
+            return self._cuda.event(timing=False)
+        return self._cuda.event()  # the simulator's events take no options
+
+    def put(self, x, y):
+        """Start copying host images x (N, ...) and int labels y (N,) to the next slot; returns the slot
+        token (slot, device images, device int32 labels), views of its planned buffers."""
+        slot = self._buffers(self._slots[self._next], x, y)
+        self._next ^= 1
+        n = x.shape[0]
+        copied = slot["copied"]
+        if slot["in_flight"] and not getattr(copied, "query", lambda: True)():
+            copied.synchronize()  # the pinned buffer's last copy is still in flight (one step of slack: rare)
+        px, py = slot["px"][:n], slot["py"][:n]
+        np.copyto(px, x, casting="unsafe")
+        np.copyto(py, y, casting="unsafe")
+        if slot["read"]:
+            slot["consumed"].wait(self.stream)  # the step that read this slot's device buffers is done
+        xd = slot["x"] if slot["x"].shape[0] == n else slot["x"][:n]
+        yd = slot["y"] if slot["y"].shape[0] == n else slot["y"][:n]
+        xd.copy_to_device(px, stream=self.stream)
+        yd.copy_to_device(py, stream=self.stream)
+        copied.record(self.stream)
+        slot["in_flight"] = True
+        return slot, xd, yd
+
+    def ready(self, token):
+        """The compute stream waits for the slot's copy (on the device: the host goes on)."""
+        token[0]["copied"].wait(self._compute)
+
+    def consumed(self, token):
+        """Everything launched so far on the compute stream is all that reads the slot."""
+        token[0]["consumed"].record(self._compute)
+        token[0]["read"] = True
+
+
 def _pinned_empty(shape, dtype):
     from numba import cuda
 

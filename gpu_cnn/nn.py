@@ -29,6 +29,7 @@ import numpy as np
 from . import backend as _backend
 from . import functional as F
 from . import fusion as _fusion
+from . import graph as _graph
 from .memory import HostStaging, Workspace, format_report
 from .ops import _base
 
@@ -733,13 +734,16 @@ class BatchNorm2d(Module):
         if self.track_running_stats:
             rm, rv = self.running_mean.data, self.running_var.data
             if self.training:
-                self.num_batches_tracked.value += 1
+                _graph.host_effect(self._track_batch)  # a replayed step (gpu_cnn.graph) counts too
                 momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.value
         else:
             rm, rv = mean, invstd  # never read (batch statistics, momentum None)
         F.batch_norm2d(x, w, b, rm, rv, batch_stats, momentum, self.eps, out=y, mean=mean, invstd=invstd)
         self._x, self._batch_stats, self._y_shape = x, batch_stats, _shape_of(y)
         return y
+
+    def _track_batch(self):
+        self.num_batches_tracked.value += 1
 
     def backward(self, dy):
         dy = self._grad_output(dy)

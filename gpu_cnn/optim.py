@@ -26,6 +26,7 @@ import numbers
 import numpy as np
 
 from . import backend as _backend
+from . import graph as _graph
 from .ops import _base
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "make_optimizer", "OPTIMIZERS"]
@@ -236,7 +237,10 @@ class Optimizer:
         else:
             for k, (pf, gf, _, _) in enumerate(self._segments):
                 self._update_cpu(k, pf, gf, t)
-        self.step_count = t
+        _graph.host_effect(self._count_step)  # a replayed step (gpu_cnn.graph) counts too
+
+    def _count_step(self):
+        self.step_count += 1
 
     def zero_grad(self):
         """Fill every grad with 0 in place (no allocation; one fill with ``flat=``)."""
@@ -306,6 +310,10 @@ class Optimizer:
                     buf.copy_to_device(host)
         self.step_count = int(step)
         self.lr = lr
+        self._restored_step()
+
+    def _restored_step(self):
+        """Hook: device state that follows the step count (Adam's step counter)."""
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
@@ -410,13 +418,31 @@ class Adam(Optimizer):
             self.NAME = "adamw"
         super().__init__(params, lr, version, flat)
         self._alloc_state(["exp_avg", "exp_avg_sq"])
+        # the default kernel reads the step from a device counter (one per segment), so a recorded step
+        # replays (gpu_cnn.graph); an explicit version= takes the bias corrections from the host
+        self._counts = None
+        if self._on_kernels and self.version is None:
+            self._counts = [_base.empty((1,), np.int64, "Adam's step counter") for _ in self._segments]
+            self._restored_step()
         self._alloc_scratch(2 if self.weight_decay != 0.0 and not self.decoupled else 1)
 
     def hyperparameters(self):
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
                 "decoupled": self.decoupled}
 
+    def _restored_step(self):
+        if self._counts is not None:
+            from .kernels import optim as kernels
+
+            for count, (pf, _, _, _) in zip(self._counts, self._segments):
+                kernels.adam_counted_set(count, pf.shape[0], self.step_count)
+
     def _update_kernels(self, kernels, k, p, g, t):
+        if self._counts is not None:
+            kernels.adam_counted(p, g, self._seg_state["exp_avg"][k], self._seg_state["exp_avg_sq"][k],
+                                 self._counts[k], self.lr, self.betas[0], self.betas[1], self.eps,
+                                 self.weight_decay, self.decoupled)
+            return
         kernels.adam_step(p, g, self._seg_state["exp_avg"][k], self._seg_state["exp_avg_sq"][k], t, self.lr,
                           self.betas[0], self.betas[1], self.eps, self.weight_decay, self.decoupled,
                           version=self.version)

@@ -93,12 +93,19 @@ class Trainer:
     checkpoint_path: where to save the model after every good epoch (kept if training later fails);
     distributed: data-parallel over MPI/NCCL ranks (gpu_cnn.distributed); None = on when launched by
     mpiexec/srun with $GPU_CNN_DISTRIBUTED=1. batch_size is then the global batch, split across ranks
-    (each step then reads its loss back: the ranks agree on a NaN at every step).
+    (each step then reads its loss back: the ranks agree on a NaN at every step);
+    planned_step: on the kernel backends, ``fit`` records a full batch's launches on its second and third
+    steps and, if they agree, replays them from then on without the layers' Python (gpu_cnn.graph;
+    ``trainer.planner.reason`` says why a step was not planned, e.g. Dropout's per-step mask);
+    cuda_graph: on ``cuda``, replay the planned step as one CUDA graph launch (None: wherever capture
+    works; a failed capture warns once and falls back to the launches). Needs a fixed batch size: the
+    last, partial batch of an epoch runs eagerly. On ``sim`` and ``cpu`` it is accepted and has no effect.
     """
 
     def __init__(self, model, optimizer="sgd", lr=0.01, batch_size=64, seed=0, momentum=0.9,
                  weight_decay=None, val_split=0.0, progress=None, checkpoint_path=None, metadata=None,
-                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5, distributed=None):
+                 divergence_factor=DIVERGENCE_FACTOR, progress_interval=0.5, distributed=None,
+                 cuda_graph=None, planned_step=True):
         from .nn import Module
         from .optim import OPTIMIZERS, make_optimizer
 
@@ -155,8 +162,17 @@ class Trainer:
         if self.dp:
             self.dp.broadcast_parameters(model)  # every rank starts from rank 0's weights
         self._saved = False  # whether a checkpoint was written by this trainer
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph: expected True, False or None, got {cuda_graph!r}")
+        if not isinstance(planned_step, bool):
+            raise TypeError(f"planned_step: expected True or False, got {planned_step!r}")
+        self.cuda_graph, self.planned_step = cuda_graph, planned_step
+        from .graph import StepPlanner
+
+        self.planner = StepPlanner(cuda_graph=cuda_graph, enabled=planned_step)
         self.ws = Workspace("loss")
         self.staging = HostStaging()
+        self._feeder = None  # fit's double-buffered batches to the device (memory.BatchFeeder), made once
         self.rng = np.random.default_rng(seed)
         self.history = []
 
@@ -214,21 +230,28 @@ class Trainer:
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
 
-    def _device_step(self, x, y, step):
-        """train_step for fit on the kernel backends, with nothing read back: the labels were range-checked
-        when fit got them, the loss goes straight to the device accumulator (kernels.metrics)."""
-        from .kernels import metrics as kmetrics
-        from .kernels import softmax as ksoftmax
+    def _device_step(self, batch, step, following=None):
+        """train_step for fit on the kernel backends, with nothing read back. ``batch``: a BatchFeeder slot
+        already being copied to the device (images and labels were checked when fit got them); the loss
+        goes straight to the device accumulator (kernels.metrics), which numbers the batches itself
+        (acc[5]: the same count as ``step`` since the epoch's reset). ``following``: the next host batch
+        (x, y), whose copy starts once this step's launches are queued; returns its slot."""
+        _, xd, labels = batch
+        self._feeder.ready(batch)
+        self.planner.step(labels.shape[0], (xd, labels), lambda: self._device_compute(xd, labels),
+                          token=self.optimizer.lr)
+        self._feeder.consumed(batch)
+        return self._feeder.put(*following) if following is not None else None
 
-        logits = self.model.forward(self._images(x))
+    def _device_compute(self, xd, labels):
+        """What a device step launches once its inputs are on the device (recorded and replayed by the
+        planner: see gpu_cnn.graph)."""
+        from .kernels import metrics as kmetrics
+
+        logits = self.model.forward(xd)
         n, c = logits.shape
-        labels = self.staging.to_backend("labels", y.astype(np.int32, copy=False), np.int32)
-        probs = self.ws.get("probs", (n, c))
-        losses = self.ws.get("row_loss", (n + 1,))
-        ksoftmax.softmax_cross_entropy_forward(logits, labels, probs, losses[:n], losses[n:])
-        kmetrics.accumulate(losses[:n], probs, labels, self._acc, step)
         dlogits = self.ws.get("dlogits", (n, c))
-        ksoftmax.softmax_cross_entropy_backward(probs, labels, dlogits)
+        kmetrics.train_loss_step(logits, labels, dlogits, self._acc)  # softmax, loss, dlogits, metrics: one launch
         self.model.backward(dlogits)
         self.optimizer.step()
 
@@ -251,6 +274,7 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _restore(self, snapshot):
+        self.planner.reset()
         model_state, optimizer_state = snapshot
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
@@ -276,6 +300,7 @@ class Trainer:
             self._check_fits_model("val_data", vx, vy)
             val_data = (vx, vy)
         good = self._snapshot()
+        self.planner.reset()  # a plan lives within one fit: layers or buffers may change between fits
         for _ in range(epochs):
             epoch = len(self.history) + 1
             t0 = time.perf_counter()
@@ -287,6 +312,11 @@ class Trainer:
                 from .kernels import metrics as kmetrics
 
                 self._acc = kmetrics.reset(self.ws.get("metrics", (kmetrics.SLOTS,), np.float64))
+                if self._feeder is None:
+                    from .memory import BatchFeeder
+
+                    self._feeder = BatchFeeder()
+                pending = self._feeder.put(x[order[:self.batch_size]], y[order[:self.batch_size]])
             shown = time.perf_counter()
             try:
                 for start in range(0, len(y), self.batch_size):
@@ -297,7 +327,8 @@ class Trainer:
                         idx, n_here = self.dp.shard(idx)
                     seen += n_here
                     if on_device:  # nothing read back: the loss and the accuracy accumulate on the device
-                        self._device_step(x[idx], y[idx], step)
+                        nxt = order[start + self.batch_size:start + 2 * self.batch_size]
+                        pending = self._device_step(pending, step, (x[nxt], y[nxt]) if len(nxt) else None)
                         if self._loss_ref is None:  # one read in the Trainer's life: the first step's loss
                             first, _, bad_step, bad_loss = self._read_metrics()
                             if bad_step is not None:

@@ -80,6 +80,19 @@ def grid_1d(n, tpb=TPB_1D):
     return max(1, ceil_div(n, tpb)), tpb
 
 
+# Threads of a grid-stride launch under the simulator, which runs every thread as a Python thread: a few
+# threads looping over many elements cost a fraction of one thread per element.
+SIM_STRIDE_THREADS = 32
+
+
+def grid_stride_1d(n, tpb=TPB_1D):
+    """(blocks, threads) for a grid-stride kernel over n elements: one element a thread on a GPU, one
+    block of SIM_STRIDE_THREADS threads under the simulator (each thread then loops)."""
+    if config.ENABLE_CUDASIM:
+        return 1, SIM_STRIDE_THREADS
+    return grid_1d(n, tpb)
+
+
 def kernel(signature, block=None, launch_bounds=None):
     """Declare a CUDA kernel: lazy ``cuda.jit`` plus its compile-check signature.
 
@@ -159,17 +172,16 @@ def block_max(buf, tid):
 
 @kernel("void(float32[::1], float32)", block=TPB_1D)
 def fill_kernel(a, value):
-    """Set every element of a contiguous float32 array (viewed flat) to value."""
+    """Set every element of a contiguous float32 array (viewed flat) to value (grid-stride)."""
     # a: (n,) float32
-    i = cuda.grid(1)
-    if i < a.shape[0]:
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
         a[i] = value
 
 
 def fill(a, value=0.0):
     """Fill a C-contiguous float32 device array in place, without allocating."""
     flat = a.reshape(a.size) if a.ndim != 1 else a
-    blocks, threads = grid_1d(flat.shape[0])
+    blocks, threads = grid_stride_1d(flat.shape[0])
     fill_kernel[blocks, threads](flat, float32(value))
     return a
 

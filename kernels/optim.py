@@ -9,6 +9,9 @@ Versions (``VERSIONS``), for every optimizer:
     ilp    each thread updates ELEMS_PER_THREAD elements, one block width apart (accesses stay
            coalesced): a quarter of the blocks and several independent loads in flight per thread
 
+Adam also has ``adam_counted_kernel``, which reads its step from a device counter instead of taking the
+bias corrections as arguments, so that a recorded training step (``gpu_cnn.graph``) can replay it.
+
 Run the checks with ``python -m pytest tests/test_optim.py`` (simulator) and build for real GPUs with
 ``python -m gpu_cnn.compile_check``.
 
@@ -20,7 +23,7 @@ import math
 import numbers
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from ._common import TPB_1D, ceil_div, check_device_array, device_function, kernel
 
@@ -132,7 +135,7 @@ def adam_element(p, g, m, v, i, beta1, beta2, one_minus_beta1, one_minus_beta2, 
     p[i] = pi - step_size * (mi / denom)
 
 
-@kernel("void(float32[::1], float32[::1], float32, float32)")
+@kernel("void(float32[::1], float32[::1], float32, float32)", block=TPB_1D)
 def sgd_naive_kernel(p, g, lr, weight_decay):
     """Plain SGD, one thread per element."""
     # p, g: (n,) float32
@@ -141,7 +144,7 @@ def sgd_naive_kernel(p, g, lr, weight_decay):
         sgd_element(p, g, i, lr, weight_decay)
 
 
-@kernel("void(float32[::1], float32[::1], float32, float32)")
+@kernel("void(float32[::1], float32[::1], float32, float32)", block=TPB_1D)
 def sgd_ilp_kernel(p, g, lr, weight_decay):
     """Plain SGD, ELEMS_PER_THREAD elements per thread, one block width apart (coalesced)."""
     # p, g: (n,) float32
@@ -152,7 +155,8 @@ def sgd_ilp_kernel(p, g, lr, weight_decay):
             sgd_element(p, g, i, lr, weight_decay)
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)")
+@kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)",
+        block=TPB_1D)
 def sgd_momentum_naive_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step):
     """SGD with momentum, one thread per element."""
     # p, g, buf: (n,) float32; nesterov, first_step: 0 or 1
@@ -161,7 +165,8 @@ def sgd_momentum_naive_kernel(p, g, buf, lr, momentum, one_minus_dampening, weig
         sgd_momentum_element(p, g, buf, i, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step)
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)")
+@kernel("void(float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, int64, int64)",
+        block=TPB_1D)
 def sgd_momentum_ilp_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, nesterov, first_step):
     """SGD with momentum, ELEMS_PER_THREAD elements per thread, one block width apart (coalesced)."""
     # p, g, buf: (n,) float32; nesterov, first_step: 0 or 1
@@ -174,7 +179,8 @@ def sgd_momentum_ilp_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight
 
 @kernel(
     "void(float32[::1], float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, "
-    "float32, float32, float32, float32, float32)"
+    "float32, float32, float32, float32, float32)",
+    block=TPB_1D,
 )
 def adam_naive_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt,
                       eps, weight_decay, decay):
@@ -188,7 +194,8 @@ def adam_naive_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2
 
 @kernel(
     "void(float32[::1], float32[::1], float32[::1], float32[::1], float32, float32, float32, float32, "
-    "float32, float32, float32, float32, float32)"
+    "float32, float32, float32, float32, float32)",
+    block=TPB_1D,
 )
 def adam_ilp_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt,
                     eps, weight_decay, decay):
@@ -200,6 +207,40 @@ def adam_ilp_kernel(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, 
         if i < p.shape[0]:
             adam_element(p, g, m, v, i, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
                          bias_correction2_sqrt, eps, weight_decay, decay)
+
+
+@kernel(
+    "void(float32[::1], float32[::1], float32[::1], float32[::1], int64[::1], float64, float64, float64, "
+    "float32, float64, int64)",
+    block=TPB_1D,
+)
+def adam_counted_kernel(p, g, m, v, count, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """Adam / AdamW, one thread per element, with the step read from the device: graph-replayable.
+
+    count[0] counts blocks launched so far: each block's thread 0 takes a ticket with one atomic add, and
+    its step is ticket // gridDim.x + 1 (every block of the previous launch has taken its ticket), so no
+    launch argument changes from step to step. Thread 0 computes the bias corrections in float64, as
+    the host does for the other versions, and shares them.
+    """
+    # p, g, m, v: (n,) float32; count: (1,) int64
+    s = cuda.shared.array(4, float32)
+    if cuda.threadIdx.x == 0:
+        ticket = cuda.atomic.add(count, 0, 1)
+        t = float64(ticket // cuda.gridDim.x + 1)
+        step_size = lr / (float64(1.0) - beta1**t)
+        s[0] = float32(step_size)
+        s[1] = float32(math.sqrt(float64(1.0) - beta2**t))
+        if decoupled != 0:
+            s[2] = float32(0.0)
+            s[3] = float32(float64(1.0) - lr * weight_decay)
+        else:
+            s[2] = float32(weight_decay)
+            s[3] = float32(1.0)
+    cuda.syncthreads()
+    i = cuda.grid(1)
+    if i < p.shape[0]:
+        adam_element(p, g, m, v, i, float32(beta1), float32(beta2), float32(float64(1.0) - beta1),
+                     float32(float64(1.0) - beta2), s[0], s[1], eps, s[2], s[3])
 
 
 # --- launchers ---
@@ -295,6 +336,34 @@ def adam_ilp(p, g, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_deca
     """Launch the ilp Adam/AdamW kernel (ELEMS_PER_THREAD elements per thread)."""
     return _adam_launch(adam_ilp_kernel, ELEMS_PER_THREAD,
                         p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled)
+
+
+def adam_counted(p, g, m, v, count, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
+    """Launch the Adam/AdamW kernel that takes its step from ``count`` (a (1,) int64 device array, updated).
+
+    ``count`` must hold (steps taken) × the launch's blocks (:func:`adam_counted_blocks`): 0 before the
+    first step; :func:`adam_counted_set` writes it for a restored step count."""
+    lr, beta1, beta2 = _scalar("lr", lr), _scalar("beta1", beta1), _scalar("beta2", beta2)
+    eps, weight_decay = _scalar("eps", eps), _scalar("weight_decay", weight_decay)
+    pf = _flat("p", p)
+    gf = _flat("g", g, like=p)
+    mf = _flat("m", m, like=p)
+    vf = _flat("v", v, like=p)
+    check_device_array("count", count, shape=(1,), dtype=np.int64)
+    blocks, threads = launch_config(pf.shape[0])
+    adam_counted_kernel[blocks, threads](pf, gf, mf, vf, count, lr, beta1, beta2, np.float32(eps),
+                                         weight_decay, int(bool(decoupled)))
+    return p
+
+
+def adam_counted_blocks(n):
+    """Blocks of :func:`adam_counted`'s launch for n elements (what one step adds to its count)."""
+    return launch_config(n)[0]
+
+
+def adam_counted_set(count, n, steps):
+    """Write ``count`` so that the next :func:`adam_counted` on n elements takes step ``steps + 1``."""
+    count.copy_to_device(np.array([steps * adam_counted_blocks(n)], np.int64))
 
 
 # --- dispatcher ---

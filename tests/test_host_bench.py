@@ -71,7 +71,9 @@ def test_host_benchmark_writes_results(tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "host-lenet5-sgd-b8.json").read_text())
     assert rec["kind"] == "host" and rec["command"].startswith("python -m benchmarks.host")
-    assert set(rec["results"]) == {"host batch", "device batch", "inside fit"}
+    assert set(rec["results"]) == {"host batch", "device batch", "fit, eager", "inside fit"}
+    assert rec["settings"]["defaults"] == "cuda"  # counted with the kernels a GPU runs (fusion on)
+    assert any("fused" in k for k in rec["results"]["inside fit"]["kernels_per_step"])
     for mode, res in rec["results"].items():
         per = res["per_step"]
         # LeNet-5 has 10 parameter tensors, so a step launches at least one kernel per layer op plus the
@@ -80,9 +82,23 @@ def test_host_benchmark_writes_results(tmp_path):
         assert abs(sum(res["kernels_per_step"].values()) - per["launch"]) < 1e-9, mode
         assert res["host_ms"] > 0, mode
     assert rec["results"]["device batch"]["per_step"]["h2d"] == 0  # images and labels already on the device
-    fit = rec["results"]["inside fit"]["per_step"]
-    # inside fit the host never waits: labels were checked up front, metrics stay on the device
-    assert (fit["d2h"], fit["sync"], fit["alloc_device"], fit["alloc_pinned"]) == (0, 0, 0, 0)
+    for mode in ("fit, eager", "inside fit"):
+        fit = rec["results"][mode]["per_step"]
+        # inside fit the host never waits: labels were checked up front, metrics stay on the device
+        assert (fit["d2h"], fit["sync"], fit["alloc_device"], fit["alloc_pinned"]) == (0, 0, 0, 0), mode
+    # the replayed step launches exactly what the eager one does, kernel for kernel
+    assert rec["results"]["inside fit"]["kernels_per_step"] == rec["results"]["fit, eager"]["kernels_per_step"]
+    assert "not planned" not in r.stderr, r.stderr
     assert rec["results"]["host batch"]["per_step"]["h2d"] >= 2  # images and labels staged
     md = (tmp_path / "host-lenet5-sgd-b8.md").read_text()
-    assert "| host batch |" in md and "`sgd_" in md
+    assert "| host batch |" in md and "| inside fit |" in md and "`sgd_" in md
+
+
+def test_gpu_cnn_bench_host_runs_the_benchmark(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gpu_cnn", "bench", "host", "--batch-size", "4", "--steps", "2",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "host-lenet5-sgd-b4.json").exists() and "inside fit" in r.stdout
+    h = subprocess.run([sys.executable, "-m", "gpu_cnn", "bench", "host", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0 and h.stdout.startswith("usage: gpu-cnn bench host")

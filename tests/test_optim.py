@@ -202,7 +202,8 @@ def test_adam_matches_formula(backend, rng, name):
     kw = ADAM_VARIANTS[name]
     params, grads = problem(rng)
     trajs = [adam_formula(p, [g[j] for g in grads], LRS, **kw) for j, p in enumerate(params)]
-    for version in versions(backend):
+    # on the kernel backends None is the default kernel, which reads the step from a device counter
+    for version in versions(backend) + ([None] if backend != "cpu" else []):
         ps = [on_backend(p) for p in params]
         gs = [on_backend(np.zeros_like(p)) for p in params]
         opt = Adam(list(zip(ps, gs)), LRS[0], version=version, **kw)
@@ -310,8 +311,10 @@ def test_state_on_backend_allocated_once(backend, rng, kind, kw, buffers):
     before = _base.allocation_stats()
     opt = make(kind, list(zip(ps, gs)), 0.1, None, kw)
     if backend != "cpu":
-        # allocated at construction, through _base.zeros: one array per param and buffer
-        assert _base.allocation_stats()[0] - before[0] == buffers * len(params)
+        # allocated at construction, through _base.zeros: one array per param and buffer (and for Adam a
+        # one-element step counter per updated segment, here one per param)
+        counters = len(params) if kind == "adam" else 0
+        assert _base.allocation_stats()[0] - before[0] == buffers * len(params) + counters
     assert sum(len(v) for v in opt.state.values()) == buffers * len(params)
     for bufs in opt.state.values():
         for b, p in zip(bufs, params):
@@ -576,3 +579,35 @@ def test_kernels_cover_a_multi_block_array(kernel_backend, rng):
         K.adam_step(p, g, m, v, 1, 0.01, weight_decay=0.1, version=version)
         np.testing.assert_allclose(p.copy_to_host(), want, rtol=RTOL, atol=ATOL, err_msg=version)
         assert math.isclose(float(np.abs(p.copy_to_host() - p0).max()), 0.01, rel_tol=0.5)  # |update| ≈ lr at step 1
+
+
+def test_counted_adam_takes_its_step_from_the_device_over_several_blocks(kernel_backend, rng):
+    """adam_counted_kernel: every block of every launch derives the same step from its ticket, so two
+    launches over 300 elements (2 blocks, a partial last one) take steps 1 and 2, and a counter set for
+    2 steps taken makes the next launch step 3; the launch arguments never change."""
+    from gpu_cnn.kernels import optim as K
+
+    n, lr = 300, 0.01
+    assert K.adam_counted_blocks(n) >= 2
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]  # the third: after a restore
+    for kw in (dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled=True)):
+        want_p, want_m, want_v = p0.astype(np.float64), np.zeros(n), np.zeros(n)
+        p, m, v = _base.to_device(p0), _base.zeros((n,)), _base.zeros((n,))
+        count = _base.to_device(np.zeros(1, np.int64))
+        for t, g0 in enumerate(grads[:2], start=1):
+            want_p, want_m, want_v = K.adam_reference(want_p, g0, want_m, want_v, t, lr, **kw)
+            K.adam_counted(p, _base.to_device(g0), m, v, count, lr, **kw)
+            np.testing.assert_allclose(p.copy_to_host(), want_p, rtol=RTOL, atol=ATOL, err_msg=f"{kw} step {t}")
+        assert int(count.copy_to_host()[0]) == 2 * K.adam_counted_blocks(n)
+        # restored after 2 steps: the next launch is step 3 (a step-1 bias correction would differ by ~3x)
+        p2 = _base.to_device(p0)
+        m2, v2 = _base.zeros((n,)), _base.zeros((n,))
+        _, mh, vh = K.adam_reference(p0, grads[0], 0.0, 0.0, 1, lr, **kw)
+        _, mh, vh = K.adam_reference(p0, grads[1], mh, vh, 2, lr, **kw)
+        m2.copy_to_device(mh.astype(np.float32))
+        v2.copy_to_device(vh.astype(np.float32))
+        K.adam_counted_set(count, n, 2)
+        K.adam_counted(p2, _base.to_device(grads[2]), m2, v2, count, lr, **kw)
+        want3, _, _ = K.adam_reference(p0, grads[2], mh, vh, 3, lr, **kw)
+        np.testing.assert_allclose(p2.copy_to_host(), want3, rtol=RTOL, atol=ATOL, err_msg=f"{kw} restored")

@@ -54,3 +54,19 @@ def test_every_thread_of_a_block_shares_one_shared_array(kernel_backend, monkeyp
     for _ in range(3):  # every launch allocates the shared arrays anew
         gather_ids[1, THREADS](out)
         assert out.copy_to_host()[0] == 3 * THREADS * (THREADS + 1) // 2
+
+
+def test_grid_stride_fill_covers_every_element_with_few_threads(kernel_backend):
+    """fill is grid-stride: under the simulator one block of SIM_STRIDE_THREADS threads loops over
+    every element (1000: not a multiple of it), on a GPU one thread an element; a view is filled in place."""
+    from gpu_cnn.ops import _base
+
+    a = _base.to_device(np.arange(1003, dtype=np.float32))
+    blocks, threads = _common.grid_stride_1d(1000)
+    if config.ENABLE_CUDASIM:
+        assert (blocks, threads) == (1, _common.SIM_STRIDE_THREADS)
+    else:
+        assert blocks * threads >= 1000
+    _common.fill(a[:1000], 2.5)
+    got = a.copy_to_host()
+    assert (got[:1000] == 2.5).all() and (got[1000:] == [1000, 1001, 1002]).all()

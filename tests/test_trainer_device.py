@@ -49,13 +49,13 @@ def test_nan_mid_epoch_stops_names_the_step_and_rolls_back(kernel_backend, monke
     before = model.state_dict()
     real = trainer._device_step
 
-    def poisoned(x, y, step):
+    def poisoned(batch, step, following=None):
         if step == 2:  # a weight turns NaN before the second batch: its loss is NaN
             w = model.parameters()[0]
             host = w.numpy()
             host.flat[0] = np.nan
             w.assign(host)
-        return real(x, y, step)
+        return real(batch, step, following)
 
     monkeypatch.setattr(trainer, "_device_step", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 2: training stopped"):

@@ -212,6 +212,11 @@ def test_train_settings_per_model_and_from_the_command_line():
     assert settings("--optimizer", "adamw", "--weight-decay", "0.05") == (30, "adamw", 0.003, 0.05)
     assert settings(model="digits_cnn") == (15, "adam", 0.003, None)
     assert settings("--optimizer", "sgd", model="resnet8") == (15, "sgd", 0.05, None)
+    # lenet5's own settings are for its small-input geometry: on 28×28 images (MNIST) the general ones
+    mnist = train_settings(build_parser().parse_args(["train"]), "lenet5", (1, 28, 28))
+    assert (mnist["epochs"], mnist["optimizer"], mnist["lr"], mnist["weight_decay"]) == (15, "adam", 0.003, None)
+    digits = train_settings(build_parser().parse_args(["train"]), "lenet5", (1, 8, 8))
+    assert (digits["epochs"], digits["optimizer"]) == (30, "sgd")
 
 
 def test_backend_from_the_environment_is_named(tmp_path):
@@ -449,9 +454,9 @@ def test_version_and_python_m():
 
 def test_train_help_shows_every_default():
     help_text = " ".join(cli("train", "--help").stdout.split())
-    for words in ("(default: 15; per model: lenet5 30)", "(default: 32)", "(default: adam; per model: lenet5 sgd)", "(default: 0.1)",
-                  "(default: 0)", "sgd 0.05", "adam 0.003", "per model: lenet5 0.02 with sgd)",
-                  "(default: the optimizer's: adamw 0.01, sgd and adam 0; per model: lenet5 0.001 with sgd)",
+    for words in ("(default: 15; per model: lenet5 below 12×12 30)", "(default: 32)", "(default: adam; per model: lenet5 below 12×12 sgd)", "(default: 0.1)",
+                  "(default: 0)", "sgd 0.05", "adam 0.003", "per model: lenet5 below 12×12 0.02 with sgd)",
+                  "(default: the optimizer's: adamw 0.01, sgd and adam 0; per model: lenet5 below 12×12 0.001 with sgd)",
                   "runs/train-NNN", "(default: digits)", "digits_cnn fits 8×8", "lenet5 28×28"):
         assert words in help_text, words
 

@@ -33,6 +33,9 @@ def test_train_writes_model_and_metrics(trained):
         assert key in metrics
     assert 0.5 < metrics["test_accuracy"] <= 1.0  # a fraction, and two epochs learn something
     assert metrics["epochs"] == 2 and metrics["backend"] == "cpu" and metrics["dataset"] == "digits"
+    # the default model (digits_cnn) has no training defaults of its own: adam's, and adam's weight decay 0
+    assert (metrics["model"], metrics["optimizer"], metrics["lr"], metrics["weight_decay"]) == \
+        ("digits_cnn", "adam", 0.003, 0.0)
     assert (out / "model.npz").is_file()
     assert "test accuracy" in proc.stdout
 
@@ -113,6 +116,8 @@ def snapshot(folder):
     ("--batch-size", "0", "positive int"), ("--batch-size", "-3", "positive int"),
     ("--lr", "0", "positive finite"), ("--lr", "-0.1", "positive finite"), ("--lr", "nan", "positive finite"),
     ("--lr", "inf", "positive finite"), ("--seed", "-1", "non-negative int"), ("--seed", "x", "non-negative int"),
+    ("--weight-decay", "-0.001", "non-negative finite"), ("--weight-decay", "nan", "non-negative finite"),
+    ("--weight-decay", "x", "non-negative finite"),
 ])
 def test_train_refuses_bad_numbers_while_parsing(capsys, tmp_path, option, value, want):
     from gpu_cnn.cli import main
@@ -176,11 +181,42 @@ def test_run_demo_refuses_a_file_as_out_dir(tmp_path):
     assert printed == [] and afile.read_text() == "keep me"
 
 
-def test_lenet5_adapts_to_the_digits(tmp_path):
-    """lenet5 used to be refused on 8×8 input; it now takes its small-input geometry (issue 13)."""
+def test_lenet5_adapts_to_the_digits_with_its_own_defaults(tmp_path):
+    """lenet5 used to be refused on 8×8 input; it now takes its small-input geometry (issue 13), and the
+    training settings it gets when none are given are its own (sgd, lr 0.02, weight decay 1e-3; 30
+    epochs, here cut to 2)."""
     out = tmp_path / "run"
-    cli("train", "--model", "lenet5", "--epochs", "1", "--out", str(out), "--quiet", "--backend", "cpu")
-    assert (out / "model.npz").exists()
+    cli("train", "--model", "lenet5", "--epochs", "2", "--out", str(out), "--quiet", "--backend", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["optimizer"], metrics["lr"], metrics["weight_decay"]) == ("sgd", 0.02, 0.001)
+    first, second = metrics["history"]
+    # the first epochs learn: ten classes start at 10% accuracy and a loss of ln 10 = 2.30
+    assert second["train_loss"] < first["train_loss"] < 2.0 and second["val_acc"] > 0.8, metrics["history"]
+
+
+def test_train_settings_per_model_and_from_the_command_line():
+    """What the command line gives wins; else the model's own defaults; a model's lr and weight decay
+    come only with its own optimizer (lenet5 with adam gets adam's 0.003 and no weight decay, but still
+    its 30 epochs)."""
+    from gpu_cnn.cli import build_parser, train_settings
+
+    def settings(*argv, model="lenet5"):
+        got = train_settings(build_parser().parse_args(["train", *argv]), model)
+        return got["epochs"], got["optimizer"], got["lr"], got["weight_decay"]
+
+    assert settings() == (30, "sgd", 0.02, 0.001)
+    assert settings("--lr", "0.1") == (30, "sgd", 0.1, 0.001)
+    assert settings("--weight-decay", "0") == (30, "sgd", 0.02, 0.0)
+    assert settings("--optimizer", "sgd", "--epochs", "3") == (3, "sgd", 0.02, 0.001)
+    assert settings("--optimizer", "adam") == (30, "adam", 0.003, None)
+    assert settings("--optimizer", "adamw", "--weight-decay", "0.05") == (30, "adamw", 0.003, 0.05)
+    assert settings(model="digits_cnn") == (15, "adam", 0.003, None)
+    assert settings("--optimizer", "sgd", model="resnet8") == (15, "sgd", 0.05, None)
+    # lenet5's own settings are for its small-input geometry: on 28×28 images (MNIST) the general ones
+    mnist = train_settings(build_parser().parse_args(["train"]), "lenet5", (1, 28, 28))
+    assert (mnist["epochs"], mnist["optimizer"], mnist["lr"], mnist["weight_decay"]) == (15, "adam", 0.003, None)
+    digits = train_settings(build_parser().parse_args(["train"]), "lenet5", (1, 8, 8))
+    assert (digits["epochs"], digits["optimizer"]) == (30, "sgd")
 
 
 def test_backend_from_the_environment_is_named(tmp_path):
@@ -418,9 +454,10 @@ def test_version_and_python_m():
 
 def test_train_help_shows_every_default():
     help_text = " ".join(cli("train", "--help").stdout.split())
-    for words in ("(default: 15)", "(default: 32)", "(default: adam)", "(default: 0.1)", "(default: 0)",
-                  "sgd 0.05", "adam 0.003", "runs/train-NNN", "(default: digits)", "digits_cnn fits 8×8",
-                  "lenet5 28×28"):
+    for words in ("(default: 15; per model: lenet5 below 12×12 30)", "(default: 32)", "(default: adam; per model: lenet5 below 12×12 sgd)", "(default: 0.1)",
+                  "(default: 0)", "sgd 0.05", "adam 0.003", "per model: lenet5 below 12×12 0.02 with sgd)",
+                  "(default: the optimizer's: adamw 0.01, sgd and adam 0; per model: lenet5 below 12×12 0.001 with sgd)",
+                  "runs/train-NNN", "(default: digits)", "digits_cnn fits 8×8", "lenet5 28×28"):
         assert words in help_text, words
 
 

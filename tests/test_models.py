@@ -76,8 +76,21 @@ def test_lenet5_on_28x28_is_unchanged(cpu_backend):
     assert model[3].spec() == {"type": "Conv2d", "in_channels": 6, "out_channels": 16, "kernel_size": [5, 5],
                                "stride": [1, 1], "padding": [0, 0], "bias": True}
     small = models.lenet5(input_size=8)  # 8 + 2*4 - 4 = 12 -> pool 6 -> 6 + 2*2 - 4 = 6 -> pool 3
-    assert small.output_shape((1, 8, 8)) == (10,) and small[7].in_features == 16 * 3 * 3
+    assert small.output_shape((1, 8, 8)) == (10,) and small[7].in_features == 32 * 3 * 3
     assert small[0].padding == (4, 4) and small[3].padding == (2, 2)
+    # the small-input geometry: twice LeNet's channels, every layer's output shape worked by hand
+    shapes = {k: v.shape for k, v in small.state_dict().items()}
+    assert shapes == {"0.weight": (12, 1, 5, 5), "0.bias": (12,), "3.weight": (32, 12, 5, 5), "3.bias": (32,),
+                      "7.weight": (120, 288), "7.bias": (120,), "9.weight": (84, 120), "9.bias": (84,),
+                      "11.weight": (10, 84), "11.bias": (10,)}
+    shape, after = (1, 8, 8), []
+    for i in range(7):
+        shape = small[i].output_shape(shape)
+        after.append(shape)
+    assert [after[i] for i in (0, 2, 3, 5, 6)] == [(12, 12, 12), (12, 6, 6), (32, 6, 6), (32, 3, 3), (288,)]
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    assert np.asarray(small.forward(x)).shape == (3, 10)
+    assert models.lenet5(input_size=(8, 14))[7].in_features == 32 * 3 * 4  # width 14 -> 18 -> 9 -> 9 -> 4
     assert models.lenet5(input_size=12)[7].in_features == 16 * 1 * 1  # the 28-geometry from 12×12 on
 
 

@@ -173,6 +173,7 @@ class Trainer:
         self.ws = Workspace("loss")
         self.staging = HostStaging()
         self._feeder = None  # fit's double-buffered batches to the device (memory.BatchFeeder), made once
+        self._step_acc = self._step_seen = None  # train_step's running device metrics and their last read
         self.rng = np.random.default_rng(seed)
         self.history = []
 
@@ -213,6 +214,8 @@ class Trainer:
         """One step on a batch: images x (N, C, H, W) float32 and class ids y (N,), each on the host
         (staged through pinned buffers) or already on the device (used in place; y then int32).
         Returns (loss, number correct)."""
+        if _backend.uses_kernels() and not self.dp:
+            return self._kernel_train_step(x, y)
         logits = self.model.forward(self._images(x))
         loss, probs, labels, y_host = self._loss(logits, y)
         if self.dp:  # distributed hook: all ranks agree on a NaN and learn the global batch size
@@ -229,6 +232,29 @@ class Trainer:
             self.dp.all_reduce_gradients(self.model.parameters(), n_local, n_global)
         self.optimizer.step()
         return loss, int((_host(probs).argmax(axis=1) == y_host).sum())
+
+    def _kernel_train_step(self, x, y):
+        """train_step on cuda/sim: the loss, its gradient and the batch's metrics in one launch
+        (kernels.metrics.train_loss_step), read back once; no backward and no update on a non-finite loss."""
+        from .kernels import metrics as kmetrics
+
+        logits = self.model.forward(self._images(x))
+        n, c = logits.shape
+        labels, y_host = self._labels(y, c)
+        if _base.is_device_array(y):
+            _base.check_class_ids("y", y_host, c)  # host labels were checked by _labels, before the int32 cast
+        if self._step_acc is None:  # a running accumulator, set once: a step reads the change, copies nothing in
+            self._step_acc = kmetrics.reset(self.ws.get("step_metrics", (kmetrics.SLOTS,), np.float64))
+            self._step_seen = np.array([0.0, 0.0, 0.0, kmetrics.NO_STEP, 0.0, 0.0])
+        dlogits = self.ws.get("dlogits", (n, c))
+        kmetrics.train_loss_step(logits, labels, dlogits, self._step_acc)
+        a, before = self._step_acc.copy_to_host(), self._step_seen
+        self._step_seen = a
+        if a[2] > before[2]:  # a row's loss is NaN or infinite: reported, nothing learnt from it
+            return (float(a[4]) if before[2] == 0 else math.nan), 0  # acc[4]: the first such loss ever seen
+        self.model.backward(dlogits)
+        self.optimizer.step()
+        return float(a[0] - before[0]) / n, int(round(a[1] - before[1]))
 
     def _device_step(self, batch, step, following=None):
         """train_step for fit on the kernel backends, with nothing read back. ``batch``: a BatchFeeder slot

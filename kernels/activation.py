@@ -24,7 +24,7 @@ Run the checks: ``python -m pytest tests/test_activation.py`` (simulator); build
 import numpy as np
 from numba import cuda, float32
 
-from ._common import check_device_array, grid_1d, kernel
+from ._common import TPB_1D, check_device_array, grid_1d, kernel
 
 VERSIONS = ("naive",)
 DEFAULT_VERSION = "naive"
@@ -54,7 +54,7 @@ def bias_relu_reference(x, b):
 # --- kernels -----------------------------------------------------------------------------------------
 
 
-@kernel("void(float32[::1], float32[::1])")
+@kernel("void(float32[::1], float32[::1])", block=TPB_1D)
 def relu_kernel(x, y):
     """naive: one thread per element, y = max(x, 0) (y may be x)."""
     # x, y: (n,) float32, flat views of arrays of any rank
@@ -66,7 +66,7 @@ def relu_kernel(x, y):
         y[i] = v
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1])")
+@kernel("void(float32[::1], float32[::1], float32[::1])", block=TPB_1D)
 def relu_backward_kernel(dy, x, dx):
     """naive: one thread per element, dx = dy where x > 0 else 0 (dx may be dy; x may be the ReLU output)."""
     # dy, x, dx: (n,) float32, flat views
@@ -78,7 +78,7 @@ def relu_backward_kernel(dy, x, dx):
             dx[i] = float32(0.0)
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1], int64, int64)")
+@kernel("void(float32[::1], float32[::1], float32[::1], int64, int64)", block=TPB_1D)
 def bias_relu_kernel(x, b, y, C, inner):
     """naive: one thread per element, y = max(x + b[channel], 0); the channel comes from the flat index."""
     # x, y: (N * C * inner,) float32, flat views of (N, C, H, W) (inner = H*W) or (N, F) (inner = 1)

@@ -79,8 +79,8 @@ build for real GPUs: ``python -m gpu_cnn.compile_check``; time every version aga
 import numpy as np
 from numba import config, cuda, float32, int32, uint32, uint64
 
-from ._common import (DISK_CACHE, KERNEL_BLOCKS, KERNELS, block_sum, ceil_div, check_device_array, fill, grid_1d, kernel,
-                      unravel4)
+from ._common import (DISK_CACHE, KERNEL_BLOCKS, KERNELS, TPB_1D, block_sum, ceil_div, check_device_array, fill,
+                      grid_1d, kernel, unravel4)
 
 VERSIONS = ("naive", "tiled", "implicit_gemm")  # forward versions (the fused conv+ReLU+pool is its own op)
 DEFAULT_VERSION = "implicit_gemm"  # where it applies (implicit_gemm_supported), else tiled, else naive
@@ -191,7 +191,7 @@ FORWARD_SIGNATURE = (
 )
 
 
-@kernel(FORWARD_SIGNATURE)
+@kernel(FORWARD_SIGNATURE, block=TPB_1D)
 def conv2d_forward_naive_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
     """naive: one thread per output element, the C_in*kH*kW dot product read from global memory."""
     # x: (N, C, H, W) float32; w: (O, C, kH, kW); b: (O,) (read only when has_bias); y: (N, O, Ho, Wo)
@@ -217,7 +217,7 @@ def conv2d_forward_naive_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
         y[n, o, ho, wo] = acc
 
 
-@kernel(FORWARD_SIGNATURE)
+@kernel(FORWARD_SIGNATURE, block=(TILE_W, TILE_H))
 def conv2d_forward_tiled_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
     """tiled: per input channel, the tile's input patch (with halo, zero-padded) and w[o, c] in shared memory."""
     # x: (N, C, H, W) float32; w: (O, C, kH, kW), kH, kW <= MAX_K; b: (O,); y: (N, O, Ho, Wo)
@@ -273,7 +273,8 @@ def conv2d_forward_tiled_kernel(x, w, b, y, has_bias, sh, sw, ph, pw):
         y[n, o, ho, wo] = acc
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64)")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64)",
+        block=TPB_1D)
 def conv2d_backward_input_kernel(dy, w, dx, sh, sw, ph, pw):
     """gather: one thread per input element sums dy * w over the (output, tap) pairs that read it."""
     # dy: (N, O, Ho, Wo) float32; w: (O, C, kH, kW); dx: (N, C, H, W)
@@ -299,7 +300,8 @@ def conv2d_backward_input_kernel(dy, w, dx, sh, sw, ph, pw):
         dx[n, c, hx, wx] = acc
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64)")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64)",
+        block=RED_THREADS)
 def conv2d_backward_weight_kernel(dy, x, dw, sh, sw, ph, pw):
     """one block per weight element: strided partial sums over N*Ho*Wo, then a shared-memory tree."""
     # dy: (N, O, Ho, Wo) float32; x: (N, C, H, W); dw: (O, C, kH, kW), one block per element
@@ -329,7 +331,7 @@ def conv2d_backward_weight_kernel(dy, x, dw, sh, sw, ph, pw):
         dw[o, c, i, j] = part[0]
 
 
-@kernel("void(float32[:, :, :, ::1], float32[::1])")
+@kernel("void(float32[:, :, :, ::1], float32[::1])", block=RED_THREADS)
 def conv2d_backward_bias_kernel(dy, db):
     """one block per output channel: strided partial sums over N*Ho*Wo, then a shared-memory tree."""
     # dy: (N, O, Ho, Wo) float32; db: (O,), one block per element
@@ -1158,7 +1160,7 @@ GENERAL_FORWARD_SIGNATURE = (
 )
 
 
-@kernel(GENERAL_FORWARD_SIGNATURE)
+@kernel(GENERAL_FORWARD_SIGNATURE, block=TPB_1D)
 def conv2d_forward_general_kernel(x, w, b, y, has_bias, sh, sw, pt, pl, dh, dw, groups):
     """general: naive forward with dilation and groups (depthwise: groups = C), one thread per output."""
     # x: (N, C, H, W) float32; w: (O, C/groups, kH, kW); b: (O,) (read only when has_bias); y: (N, O, Ho, Wo)
@@ -1187,7 +1189,7 @@ def conv2d_forward_general_kernel(x, w, b, y, has_bias, sh, sw, pt, pl, dh, dw, 
 
 
 @kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], "
-        "int64, int64, int64, int64, int64, int64, int64)")
+        "int64, int64, int64, int64, int64, int64, int64)", block=TPB_1D)
 def conv2d_backward_input_general_kernel(dy, w, dx, sh, sw, pt, pl, dh, dw, groups):
     """general gather: one thread per input element; taps i*dh apart, only its group's output channels."""
     # dy: (N, O, Ho, Wo) float32; w: (O, C/groups, kH, kW); dx: (N, C, H, W)
@@ -1216,7 +1218,7 @@ def conv2d_backward_input_general_kernel(dy, w, dx, sh, sw, pt, pl, dh, dw, grou
 
 
 @kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], "
-        "int64, int64, int64, int64, int64, int64, int64)")
+        "int64, int64, int64, int64, int64, int64, int64)", block=RED_THREADS)
 def conv2d_backward_weight_general_kernel(dy, x, dwt, sh, sw, pt, pl, dh, dw, groups):
     """general dW: one block per weight element (o, cl, i, j), strided partial sums, shared-memory tree."""
     # dy: (N, O, Ho, Wo) float32; x: (N, C, H, W); dwt: (O, C/groups, kH, kW), one block per element

@@ -82,7 +82,7 @@ def train_loss_step_reference(logits, labels):
 # --- kernels -----------------------------------------------------------------------------------------
 
 
-@kernel("void(float32[::1], float32[:, ::1], int32[::1], float64[::1], int64)")
+@kernel("void(float32[::1], float32[:, ::1], int32[::1], float64[::1], int64)", block=TPB)
 def epoch_metrics_block_kernel(row_loss, probs, labels, acc, step):
     """block: one block strides over the batch, shared-memory trees sum its three counts, thread 0 adds them."""
     # row_loss: (N,) float32; probs: (N, C) float32; labels: (N,) int32; acc: (SLOTS,) float64

@@ -43,7 +43,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, uint64
 
-from ._common import block_sum, check_device_array, device_function, grid_1d, kernel
+from ._common import TPB_1D, block_sum, check_device_array, device_function, grid_1d, kernel
 
 # threads of the block that reduces one channel (a power of two for the tree); under the simulator
 # every thread is a Python thread and every barrier a rendezvous, so it shrinks (same code)
@@ -105,7 +105,8 @@ def _hash32(v):
     return v
 
 
-@kernel("void(float32[:, :, :, ::1], float32[::1], float32[::1], float32[::1], float32[::1], float32, float32, int64)")
+@kernel("void(float32[:, :, :, ::1], float32[::1], float32[::1], float32[::1], float32[::1], float32, float32, int64)",
+        block=RED_THREADS)
 def batchnorm_stats_kernel(x, mean, invstd, running_mean, running_var, eps, momentum, update_running):
     """stats: one block per channel, two-pass mean / variance by strided sums and a shared-memory tree."""
     # x: (N, C, H, W) float32; mean, invstd, running_mean, running_var: (C,)
@@ -151,7 +152,7 @@ def batchnorm_stats_kernel(x, mean, invstd, running_mean, running_var, eps, mome
             running_var[c] = (float32(1.0) - momentum) * running_var[c] + momentum * unbiased
 
 
-@kernel("void(float32[::1], float32[::1], float32, float32[::1], float32[::1])")
+@kernel("void(float32[::1], float32[::1], float32, float32[::1], float32[::1])", block=TPB_1D)
 def batchnorm_running_kernel(running_mean, running_var, eps, mean, invstd):
     """eval: one thread per channel, mean = running_mean, invstd = 1 / sqrt(running_var + eps)."""
     # all (C,) float32
@@ -161,7 +162,8 @@ def batchnorm_running_kernel(running_mean, running_var, eps, mean, invstd):
         invstd[c] = float32(1.0) / float32(math.sqrt(running_var[c] + eps))
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], int64, int64)")
+@kernel("void(float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], int64, int64)",
+        block=TPB_1D)
 def batchnorm_apply_kernel(x, mean, invstd, weight, bias, y, C, inner):
     """apply: one thread per element, y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]."""
     # x, y: (N*C*H*W,) float32 viewed flat, c = (i // inner) % C with inner = H*W; the rest (C,)
@@ -171,7 +173,8 @@ def batchnorm_apply_kernel(x, mean, invstd, weight, bias, y, C, inner):
         y[i] = (x[i] - mean[c]) * invstd[c] * weight[c] + bias[c]
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[::1], float32[::1], float32[::1], float32[::1])")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], float32[::1], float32[::1], float32[::1], float32[::1])",
+        block=RED_THREADS)
 def batchnorm_reduce_kernel(dy, x, mean, invstd, dweight, dbias):
     """reduce: one block per channel, Σ dy and Σ dy * xhat by strided sums and a shared-memory tree."""
     # dy, x: (N, C, H, W) float32; mean, invstd, dweight, dbias: (C,)
@@ -217,7 +220,7 @@ def batchnorm_reduce_kernel(dy, x, mean, invstd, dweight, dbias):
 
 
 @kernel("void(float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], float32[::1], "
-        "float32[::1], int64, int64, int64)")
+        "float32[::1], int64, int64, int64)", block=TPB_1D)
 def batchnorm_dx_kernel(dy, x, mean, invstd, weight, dweight, dbias, dx, C, inner, batch_stats):
     """dx: one thread per element; batch statistics: w*invstd/M * (M*dy - dbias - xhat*dweight)."""
     # dy, x, dx: (N*C*H*W,) float32 viewed flat, c = (i // inner) % C; the rest (C,)
@@ -233,7 +236,7 @@ def batchnorm_dx_kernel(dy, x, mean, invstd, weight, dweight, dbias, dx, C, inne
             dx[i] = weight[c] * s * dy[i]
 
 
-@kernel("void(float32[::1], float32[::1], uint32, uint32, uint32, float32)")
+@kernel("void(float32[::1], float32[::1], uint32, uint32, uint32, float32)", block=TPB_1D)
 def dropout_kernel(x, y, seed, step, threshold, scale):
     """counter-based: one thread per element keeps it when (hash(seed, step, i) >> 8) >= threshold."""
     # x, y: (n,) float32 viewed flat (dy/dx for the backward: the same mask)
@@ -247,7 +250,7 @@ def dropout_kernel(x, y, seed, step, threshold, scale):
             y[i] = float32(0.0)
 
 
-@kernel("void(float32[::1], float32[::1], float32[::1])")
+@kernel("void(float32[::1], float32[::1], float32[::1])", block=TPB_1D)
 def add_kernel(a, b, y):
     """residual add: one thread per element, y = a + b."""
     # a, b, y: (n,) float32 viewed flat

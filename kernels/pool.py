@@ -34,7 +34,7 @@ Run the checks: ``python -m pytest tests/test_pool.py`` (simulator); build for r
 import numpy as np
 from numba import cuda, float32, int32
 
-from ._common import check_device_array, device_function, fill, grid_1d, kernel, unravel4
+from ._common import TPB_1D, check_device_array, device_function, fill, grid_1d, kernel, unravel4
 
 VERSIONS = ("gather", "atomic")  # backward versions
 DEFAULT_VERSION = "gather"
@@ -94,7 +94,7 @@ def max_pool2d_backward_reference(dy, idx, x_shape):
 
 
 @kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], int32[:, :, :, ::1], "
-        "int64, int64, int64, int64, int64, int64, int64, int64)")
+        "int64, int64, int64, int64, int64, int64, int64, int64)", block=TPB_1D)
 def maxpool_forward_kernel(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     """direct: one thread per output; cells dh, dw apart, padding skipped, first strict maximum wins."""
     # x: (N, C, H, W) float32; y: (N, C, Ho, Wo) float32; idx: (N, C, Ho, Wo) int32
@@ -124,7 +124,7 @@ def maxpool_forward_kernel(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 @kernel("void(float32[:, :, :, ::1], int32[:, :, :, ::1], float32[:, :, :, ::1], "
-        "int64, int64, int64, int64, int64, int64, int64, int64)")
+        "int64, int64, int64, int64, int64, int64, int64, int64)", block=TPB_1D)
 def maxpool_backward_gather_kernel(dy, idx, dx, kh, kw, sh, sw, ph, pw, dh, dw):
     """gather: one thread per input; sum dy over the outputs whose window holds it and whose idx names it."""
     # dy, idx: (N, C, Ho, Wo) float32 / int32; dx: (N, C, H, W) float32
@@ -150,7 +150,7 @@ def maxpool_backward_gather_kernel(dy, idx, dx, kh, kw, sh, sw, ph, pw, dh, dw):
         dx[n, c, h, w] = acc
 
 
-@kernel("void(float32[:, :, :, ::1], int32[:, :, :, ::1], float32[:, :, :, ::1])")
+@kernel("void(float32[:, :, :, ::1], int32[:, :, :, ::1], float32[:, :, :, ::1])", block=TPB_1D)
 def maxpool_backward_atomic_kernel(dy, idx, dx):
     """atomic: one thread per output; atomically add dy at its argmax into a zeroed dx."""
     # dy, idx: (N, C, Ho, Wo) float32 / int32; dx: (N, C, H, W) float32, zeroed by the launcher
@@ -301,7 +301,8 @@ def _avg_window(ho, wo, H, W, kh, kw, sh, sw, ph, pw, count_include_pad):
     return hs, he, ws, we, size
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64, int64, int64, int64)")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64, int64, int64, int64)",
+        block=TPB_1D)
 def avgpool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
     """direct: one thread per output sums its window's real cells and divides by PyTorch's divisor."""
     # x: (N, C, H, W) float32; y: (N, C, Ho, Wo) float32
@@ -318,7 +319,8 @@ def avgpool_forward_kernel(x, y, kh, kw, sh, sw, ph, pw, count_include_pad):
         y[n, c, ho, wo] = acc / float32(size)
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64, int64, int64, int64)")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1], int64, int64, int64, int64, int64, int64, int64)",
+        block=TPB_1D)
 def avgpool_backward_gather_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include_pad):
     """gather: one thread per input sums dy / divisor over the outputs whose window holds it."""
     # dy: (N, C, Ho, Wo) float32; dx: (N, C, H, W) float32
@@ -344,7 +346,7 @@ def avgpool_backward_gather_kernel(dy, dx, kh, kw, sh, sw, ph, pw, count_include
         dx[n, c, h, w] = acc
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1])")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1])", block=TPB_1D)
 def adaptive_avgpool_forward_kernel(x, y):
     """direct: one thread per output averages its adaptive window floor(i*H/Ho) .. ceil((i+1)*H/Ho)."""
     # x: (N, C, H, W) float32; y: (N, C, Ho, Wo) float32
@@ -364,7 +366,7 @@ def adaptive_avgpool_forward_kernel(x, y):
         y[n, c, ho, wo] = acc / float32((he - hs) * (we - ws))
 
 
-@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1])")
+@kernel("void(float32[:, :, :, ::1], float32[:, :, :, ::1])", block=TPB_1D)
 def adaptive_avgpool_backward_gather_kernel(dy, dx):
     """gather: one thread per input sums dy / window size over the (few) outputs whose window holds it."""
     # dy: (N, C, Ho, Wo) float32; dx: (N, C, H, W) float32

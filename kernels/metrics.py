@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 from numba.core import config
 
-from ._common import check_device_array, kernel
+from ._common import check_device_array, device_function, kernel
 
 VERSIONS = ("block",)
 DEFAULT_VERSION = "block"
@@ -82,6 +82,25 @@ def train_loss_step_reference(logits, labels):
 # --- kernels -----------------------------------------------------------------------------------------
 
 
+@device_function("void(float64[::1], float64[::1], float64[::1], float64[::1], int64[::1], int64)")
+def _block_totals(s_loss, s_ok, s_bad, s_first, s_row, tid):
+    """The block's totals into element 0 of its shared arrays: a tree over the loss sums, correct and
+    non-finite counts, keeping the first non-finite row (and its loss). Every thread of the block calls
+    it once its own entries are written (it starts and ends with a barrier)."""
+    cuda.syncthreads()
+    half = TPB // 2
+    while half > 0:
+        if tid < half:
+            s_loss[tid] += s_loss[tid + half]
+            s_ok[tid] += s_ok[tid + half]
+            s_bad[tid] += s_bad[tid + half]
+            if s_row[tid + half] < s_row[tid]:
+                s_row[tid] = s_row[tid + half]
+                s_first[tid] = s_first[tid + half]
+        cuda.syncthreads()
+        half //= 2
+
+
 @kernel("void(float32[::1], float32[:, ::1], int32[::1], float64[::1], int64)", block=TPB)
 def epoch_metrics_block_kernel(row_loss, probs, labels, acc, step):
     """block: one block strides over the batch, shared-memory trees sum its three counts, thread 0 adds them."""
@@ -122,18 +141,7 @@ def epoch_metrics_block_kernel(row_loss, probs, labels, acc, step):
     s_bad[tid] = bad
     s_first[tid] = first
     s_row[tid] = first_row
-    cuda.syncthreads()
-    half = TPB // 2
-    while half > 0:
-        if tid < half:
-            s_loss[tid] += s_loss[tid + half]
-            s_ok[tid] += s_ok[tid + half]
-            s_bad[tid] += s_bad[tid + half]
-            if s_row[tid + half] < s_row[tid]:
-                s_row[tid] = s_row[tid + half]
-                s_first[tid] = s_first[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_totals(s_loss, s_ok, s_bad, s_first, s_row, tid)
     if tid == 0:
         acc[0] += s_loss[0]
         acc[1] += s_ok[0]
@@ -202,18 +210,7 @@ def train_loss_step_block_kernel(logits, labels, dlogits, acc):
     s_bad[tid] = bad
     s_first[tid] = first
     s_row[tid] = first_row
-    cuda.syncthreads()
-    half = TPB // 2
-    while half > 0:
-        if tid < half:
-            s_loss[tid] += s_loss[tid + half]
-            s_ok[tid] += s_ok[tid + half]
-            s_bad[tid] += s_bad[tid + half]
-            if s_row[tid + half] < s_row[tid]:
-                s_row[tid] = s_row[tid + half]
-                s_first[tid] = s_first[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_totals(s_loss, s_ok, s_bad, s_first, s_row, tid)
     if tid == 0:
         number = acc[5] + 1.0  # this batch's number since the reset, kept on the device
         acc[0] += s_loss[0]

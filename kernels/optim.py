@@ -311,13 +311,17 @@ def adam_scalars(step, lr, beta1, beta2, weight_decay, decoupled):
     return step_size, math.sqrt(bias_correction2), l2, decay
 
 
+def _adam_args(p, g, m, v, lr, beta1, beta2, eps, weight_decay):
+    """The Adam launchers' checks: flat views of p, g, m, v (one shape) and the scalars as floats."""
+    scalars = [_scalar(name, value) for name, value in
+               (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay))]
+    flats = [_flat("p", p)] + [_flat(name, a, like=p) for name, a in (("g", g), ("m", m), ("v", v))]
+    return flats, scalars
+
+
 def _adam_launch(kern, elems, p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-    lr, beta1, beta2 = _scalar("lr", lr), _scalar("beta1", beta1), _scalar("beta2", beta2)
-    eps, weight_decay = _scalar("eps", eps), _scalar("weight_decay", weight_decay)
-    pf = _flat("p", p)
-    gf = _flat("g", g, like=p)
-    mf = _flat("m", m, like=p)
-    vf = _flat("v", v, like=p)
+    (pf, gf, mf, vf), (lr, beta1, beta2, eps, weight_decay) = _adam_args(p, g, m, v, lr, beta1, beta2, eps,
+                                                                         weight_decay)
     step_size, bc2_sqrt, l2, decay = adam_scalars(step, lr, beta1, beta2, weight_decay, decoupled)
     blocks, threads = launch_config(pf.shape[0], elems)
     kern[blocks, threads](
@@ -343,12 +347,8 @@ def adam_counted(p, g, m, v, count, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight
 
     ``count`` must hold (steps taken) × the launch's blocks (:func:`adam_counted_blocks`): 0 before the
     first step; :func:`adam_counted_set` writes it for a restored step count."""
-    lr, beta1, beta2 = _scalar("lr", lr), _scalar("beta1", beta1), _scalar("beta2", beta2)
-    eps, weight_decay = _scalar("eps", eps), _scalar("weight_decay", weight_decay)
-    pf = _flat("p", p)
-    gf = _flat("g", g, like=p)
-    mf = _flat("m", m, like=p)
-    vf = _flat("v", v, like=p)
+    (pf, gf, mf, vf), (lr, beta1, beta2, eps, weight_decay) = _adam_args(p, g, m, v, lr, beta1, beta2, eps,
+                                                                         weight_decay)
     check_device_array("count", count, shape=(1,), dtype=np.int64)
     blocks, threads = launch_config(pf.shape[0])
     adam_counted_kernel[blocks, threads](pf, gf, mf, vf, count, lr, beta1, beta2, np.float32(eps),

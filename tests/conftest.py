@@ -84,3 +84,24 @@ def _fast_simulator_barriers():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def poison_weight_before_step(monkeypatch):
+    """poison(trainer, when): the model's first weight turns NaN (in place, as a diverging update would
+    write it) just before Trainer.fit's device step number `when`."""
+
+    def poison(trainer, when):
+        real = trainer._device_step
+
+        def poisoned(batch, step, following=None):
+            if step == when:
+                w = trainer.model.parameters()[0]
+                host = w.numpy()
+                host.flat[0] = np.nan
+                w.assign(host)
+            return real(batch, step, following)
+
+        monkeypatch.setattr(trainer, "_device_step", poisoned)
+
+    return poison

@@ -169,21 +169,12 @@ def test_planned_fit_replays_and_gives_the_cpu_weights(kernel_backend, optimizer
         assert int(w_k["1.num_batches_tracked"]) == 4
 
 
-def test_nan_during_replay_stops_names_the_step_and_rolls_back(kernel_backend, monkeypatch):
+def test_nan_during_replay_stops_names_the_step_and_rolls_back(kernel_backend, poison_weight_before_step):
     trainer, _, _ = _fit(kernel_backend)
     model = trainer.model
     before = model.state_dict()
-    real = trainer._device_step
-
-    def poisoned(batch, step, following=None):
-        if step == 4:  # a replayed step: the weight is written in place, into the buffer the plan reads
-            w = model.parameters()[0]
-            host = w.numpy()
-            host.flat[0] = np.nan
-            w.assign(host)
-        return real(batch, step, following)
-
-    monkeypatch.setattr(trainer, "_device_step", poisoned)
+    # step 4 is replayed: the weight is written in place, into the buffer the plan reads
+    poison_weight_before_step(trainer, 4)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 4: training stopped"):
         trainer.fit(_data(), epochs=1)
     after = model.state_dict()

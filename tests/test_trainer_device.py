@@ -42,22 +42,12 @@ def test_device_metrics_give_the_cpu_history_and_weights(kernel_backend):
         np.testing.assert_allclose(w_k[k], w_c[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_nan_mid_epoch_stops_names_the_step_and_rolls_back(kernel_backend, monkeypatch):
+def test_nan_mid_epoch_stops_names_the_step_and_rolls_back(kernel_backend, poison_weight_before_step):
     model = _tiny()
     trainer = Trainer(model, optimizer="sgd", lr=0.1, batch_size=4, seed=0, progress=False)
     trainer.fit(_data(), epochs=1)
     before = model.state_dict()
-    real = trainer._device_step
-
-    def poisoned(batch, step, following=None):
-        if step == 2:  # a weight turns NaN before the second batch: its loss is NaN
-            w = model.parameters()[0]
-            host = w.numpy()
-            host.flat[0] = np.nan
-            w.assign(host)
-        return real(batch, step, following)
-
-    monkeypatch.setattr(trainer, "_device_step", poisoned)
+    poison_weight_before_step(trainer, 2)  # its loss is NaN
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 2: training stopped"):
         trainer.fit(_data(), epochs=1)
     after = model.state_dict()

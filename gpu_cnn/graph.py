@@ -18,6 +18,10 @@ The step's inputs (the batch's images and labels on the device) are the plan's p
 substitutes the buffers it is given for the recorded ones, so double-buffered inputs share one plan
 (and one graph per input buffer).
 
+A plan keeps every recorded argument alive (the recording holds the arrays), so a workspace that a
+later eager call replaces by a larger one is not freed under the plan or its graph: the replay goes on
+using the buffers it recorded, which only its own launches share.
+
 Host-side state that a step changes without a launch argument showing it (an optimizer's step count,
 BatchNorm's ``num_batches_tracked``) is changed through :func:`host_effect`, which runs the change now
 and, while a recording is on, records it to run again at every replay.

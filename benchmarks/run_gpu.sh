@@ -9,8 +9,8 @@
 # included; one command at most 10 minutes): ONE call, `run` with timeout_s 600 and the command
 #   bash benchmarks/run_gpu.sh
 # then give_back. With less device time left, set RUN_GPU_BUDGET_S to status's budget_left_s minus the
-# start (~150 s) and a margin, or name fewer stages. Stage limits under $OUT (seconds): info 60, train 90,
-# bench 240, tests 120, memcheck 45, racecheck 45 -- within the default budget of 570. A stage cut by its
+# start (~150 s) and a margin, or name fewer stages. Stage limits under $OUT (seconds): info 60, train 120,
+# bench 210, tests 120, memcheck 45, racecheck 45 -- within the default budget of 570. A stage cut by its
 # limit keeps what it measured (the kernel benchmark rewrites its JSON after every case), and $OUT is
 # refreshed after every stage, so a run killed from outside still brings back the stages before.
 #
@@ -39,7 +39,7 @@ STAGES="${*:-$ALL_STAGES}"
 STAGES=$(echo " $STAGES " | sed 's/ setup / /g')
 if [ -n "${OUT:-}" ]; then  # a lease: every stage sized to fit one 10-minute call
   BUDGET=${RUN_GPU_BUDGET_S:-570}
-  LIMIT_info=60 LIMIT_train=90 LIMIT_bench=240 LIMIT_tests=120 LIMIT_memcheck=45 LIMIT_racecheck=45
+  LIMIT_info=60 LIMIT_train=120 LIMIT_bench=210 LIMIT_tests=120 LIMIT_memcheck=45 LIMIT_racecheck=45
 else                        # a GPU of your own: room for the full sweep and the whole suite
   BUDGET=${RUN_GPU_BUDGET_S:-100000}
   LIMIT_info=120 LIMIT_train=600 LIMIT_bench=1800 LIMIT_tests=1800 LIMIT_memcheck=900 LIMIT_racecheck=900

@@ -286,6 +286,8 @@ def main(argv=None):
         for row in fit_rows(args, backend, batch, xs, ys, ts, errors):
             rows.append(row)
             print(_line(backend, row), flush=True)
+        record["results"] = rows
+        write_outputs(out_dir, record, rows, info, backend, quiet=True)  # a run cut short keeps what it has
     record["results"] = rows
     write_outputs(out_dir, record, rows, info, backend)
     return 1 if any("error" in r for r in rows) else 0
@@ -359,7 +361,7 @@ def _line(backend, r):
             f"ratio {'—' if ratio is None else format(ratio, '.3f')}")
 
 
-def write_outputs(out_dir, record, rows, info, backend):
+def write_outputs(out_dir, record, rows, info, backend, quiet=False):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     C.write_json(out_dir / "train.json", record)
@@ -387,7 +389,8 @@ def write_outputs(out_dir, record, rows, info, backend):
         lines += ["", "Errors:", ""] + [f"- {e}" for e in record["errors"]]
     lines.append("")
     (out_dir / "train.md").write_text("\n".join(lines))
-    print(f"\nwrote {out_dir / 'train.json'}, {out_dir / 'train.md'}")
+    if not quiet:
+        print(f"\nwrote {out_dir / 'train.json'}, {out_dir / 'train.md'}")
 
 
 if __name__ == "__main__":

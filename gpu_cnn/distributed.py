@@ -36,6 +36,7 @@ ENV_DISTRIBUTED = "GPU_CNN_DISTRIBUTED"
 ENV_TIMEOUT = "GPU_CNN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 WATCHDOG_PERIOD = 0.1  # seconds between the watchdog's looks at the current deadline
+ABORT_GRACE_S = 1.0  # seconds a failing rank waits, after printing its error, before MPI_Abort
 OPS = ("sum", "mean")
 
 # (rank, size, local rank) variables set by the launchers: MPICH/Intel MPI (hydra), Open MPI, Slurm.
@@ -171,6 +172,7 @@ def _install_excepthook():
     def hook(kind, value, tb):
         previous(kind, value, tb)
         if _S.comm is not None and _S.size > 1 and not issubclass(kind, SystemExit):
+            time.sleep(ABORT_GRACE_S)  # the traceback's way out through mpiexec (see abort)
             _abort_comm(1)
 
     sys.excepthook = hook
@@ -196,6 +198,9 @@ def abort(exc=None, code=1):
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         print(f"gpu_cnn.distributed: rank {_S.rank} of {_S.size} failed, stopping all ranks:\n{text}",
               file=sys.stderr, flush=True)
+        # mpiexec relays a rank's output through its process manager, and MPI_Abort kills the job at once:
+        # on a loaded machine the message could be lost on its way (seen in CI), so give it time to arrive
+        time.sleep(ABORT_GRACE_S)
     _abort_comm(code)
 
 
@@ -233,6 +238,7 @@ class _Watchdog:
                 print(f"gpu_cnn.distributed: rank {_S.rank} of {_S.size}: {self.what} did not complete within "
                       f"{self.seconds:g} s (another rank failed, stopped or is stuck); aborting all ranks",
                       file=sys.stderr, flush=True)
+                time.sleep(ABORT_GRACE_S)  # the message's way out through mpiexec (see abort)
                 _abort_comm(3)
 
 

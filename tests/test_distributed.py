@@ -19,6 +19,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
+
+# every test here starts an mpiexec job of 2 ranks: one xdist worker runs them all, one after another
+# (`-n auto --dist loadgroup`), so that two jobs never share this 2-core machine's cores with the suite
+pytestmark = pytest.mark.xdist_group("mpiexec")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 4

@@ -192,11 +192,11 @@ class StepPlan:
 
     ``recordings``: two :class:`Recording` of consecutive steps; ``inputs``: for each, the device arrays
     that are the step's inputs (substituted at replay). Raises :class:`PlanError` where they differ.
-    cuda_graph: on ``cuda``, capture the launches into a CUDA graph (None or True); a failed capture
-    warns once (``warn_on_fallback``) and replays the launches instead.
+    cuda_graph: on ``cuda``, capture the launches into a CUDA graph; a failed capture warns once and
+    replays the launches instead.
     """
 
-    def __init__(self, first, second, first_inputs, second_inputs, cuda_graph=None, warn_on_fallback=True):
+    def __init__(self, first, second, first_inputs, second_inputs, cuda_graph=True):
         k1, k2 = first.keys(first_inputs), second.keys(second_inputs)
         if len(k1) != len(k2):
             raise PlanError(f"two steps made {len(k1)} and {len(k2)} launches")
@@ -216,8 +216,7 @@ class StepPlan:
         self.launches = len(second.launches)
         self.kernels = [L.name for L in second.launches]
         self._prepared = {}  # inputs' keys -> packed launches (cuda) or a graph
-        self.cuda_graph = bool(cuda_graph or cuda_graph is None) and self.backend == "cuda"
-        self.warn_on_fallback = warn_on_fallback
+        self.cuda_graph = bool(cuda_graph) and self.backend == "cuda"
         self.graph_error = None  # why the graph could not be used, if it could not
 
     def _substitute(self, inputs):
@@ -264,10 +263,8 @@ class StepPlan:
                 return _capture(packed)
             except Exception as exc:  # any failure of capture: run the launches instead, and say why once
                 self.graph_error = f"{type(exc).__name__}: {exc}"
-                if self.warn_on_fallback:
-                    warnings.warn(f"cuda_graph: capturing the training step failed ({self.graph_error}); "
-                                  f"the step runs its {len(packed)} launches eagerly", RuntimeWarning,
-                                  stacklevel=4)
+                warnings.warn(f"cuda_graph: capturing the training step failed ({self.graph_error}); "
+                              f"the step runs its {len(packed)} launches eagerly", RuntimeWarning, stacklevel=4)
         from cuda.core import launch
 
         def run():
@@ -381,8 +378,7 @@ class StepPlanner:
             entry["recs"] = []
             on_cuda = _backend.get_backend() == "cuda"
             try:
-                entry["plan"] = StepPlan(r1, r2, i1, i2, cuda_graph=self.cuda_graph is not False,
-                                         warn_on_fallback=self.cuda_graph is not False)
+                entry["plan"] = StepPlan(r1, r2, i1, i2, cuda_graph=self.cuda_graph is not False)
             except PlanError as exc:
                 entry["refused"] = True
                 self.reason = str(exc)

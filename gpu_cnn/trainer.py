@@ -166,7 +166,6 @@ class Trainer:
             raise TypeError(f"cuda_graph: expected True, False or None, got {cuda_graph!r}")
         if not isinstance(planned_step, bool):
             raise TypeError(f"planned_step: expected True or False, got {planned_step!r}")
-        self.cuda_graph, self.planned_step = cuda_graph, planned_step
         from .graph import StepPlanner
 
         self.planner = StepPlanner(cuda_graph=cuda_graph, enabled=planned_step)
@@ -245,7 +244,7 @@ class Trainer:
             _base.check_class_ids("y", y_host, c)  # host labels were checked by _labels, before the int32 cast
         if self._step_acc is None:  # a running accumulator, set once: a step reads the change, copies nothing in
             self._step_acc = kmetrics.reset(self.ws.get("step_metrics", (kmetrics.SLOTS,), np.float64))
-            self._step_seen = np.array([0.0, 0.0, 0.0, kmetrics.NO_STEP, 0.0, 0.0])
+            self._step_seen = np.array(kmetrics.EMPTY)
         dlogits = self.ws.get("dlogits", (n, c))
         kmetrics.train_loss_step(logits, labels, dlogits, self._step_acc)
         a, before = self._step_acc.copy_to_host(), self._step_seen
@@ -300,7 +299,6 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _restore(self, snapshot):
-        self.planner.reset()
         model_state, optimizer_state = snapshot
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)

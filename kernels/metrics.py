@@ -43,6 +43,7 @@ assert TPB & (TPB - 1) == 0
 
 SLOTS = 6  # acc's length
 NO_STEP = -1.0
+EMPTY = (0.0, 0.0, 0.0, NO_STEP, 0.0, 0.0)  # acc with nothing seen yet (what reset writes)
 NAN = np.float32(np.nan)
 HOST_STEP_NONE = -1  # accumulate's kernel argument for "no host step: number the batch acc[5] + 1"
 
@@ -228,7 +229,7 @@ def train_loss_step_block_kernel(logits, labels, dlogits, acc):
 def reset(acc):
     """Set an accumulator (SLOTS,) float64 device array to 'nothing seen yet', without allocating."""
     check_device_array("acc", acc, shape=(SLOTS,), dtype=np.float64)
-    acc.copy_to_device(np.array([0.0, 0.0, 0.0, NO_STEP, 0.0, 0.0]))
+    acc.copy_to_device(np.array(EMPTY))
     return acc
 
 

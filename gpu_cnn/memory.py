@@ -93,12 +93,11 @@ class BatchFeeder:
         self._slots = [{}, {}]
         self._next = 0
 
-    def _buffers(self, slot, x, y):
-        cuda = self._cuda
+    def _buffers(self, slot, x):
         n = x.shape[0]
         if "x" not in slot or slot["x"].shape[0] < n or slot["x"].shape[1:] != x.shape[1:]:
             what = "a batch of images for the device"
-            _base.check_alloc(what, x.shape, np.float32)
+            _base.check_alloc(what, x.shape, np.float32)  # before the pinned buffer, which _base.empty does not guard
             slot["px"] = _pinned_empty(x.shape, np.float32)
             slot["py"] = _pinned_empty((n,), np.int32)
             slot["x"] = _base.empty(x.shape, np.float32, what)
@@ -115,7 +114,7 @@ class BatchFeeder:
     def put(self, x, y):
         """Start copying host images x (N, ...) and int labels y (N,) to the next slot; returns the slot
         token (slot, device images, device int32 labels), views of its planned buffers."""
-        slot = self._buffers(self._slots[self._next], x, y)
+        slot = self._buffers(self._slots[self._next], x)
         self._next ^= 1
         n = x.shape[0]
         copied = slot["copied"]
